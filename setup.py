@@ -1,0 +1,32 @@
+"""lungct: 3D CNNs on lung CT volumes with JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lungct",
+    version="0.1.0",
+    description="Train and evaluate 3D convolutional networks on lung CT volumes (JAX/Flax NNX).",
+    packages=find_packages(include=["lungct", "lungct.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "nibabel>=5.0",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "tensorflow-datasets>=4.9.8",
+        "array_record>=0.7",
+        "grain>=0.2.10",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scikit-learn>=1.4"],
+        "bench": ["torch==2.13.0"],
+    },
+)
