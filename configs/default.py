@@ -1,0 +1,74 @@
+"""Default config: the embedded synthetic lung-CT phantoms, CPU-friendly.
+
+    python -m lungct.main --config configs/default.py --workdir runs/demo
+    python -m lungct.main --config configs/default.py --workdir runs/x --config.train.num_epochs=2
+"""
+import ml_collections
+
+
+def get_data_config() -> ml_collections.ConfigDict:
+  """Dataset and preprocessing. Everything that changes the built dataset lives here."""
+  d = ml_collections.ConfigDict()
+  d.source = "synthetic"          # synthetic | mosmeddata | folder
+  d.data_dir = "data/tfds"        # where TFDS writes the ArrayRecord dataset
+  d.manual_dir = ""               # mosmeddata: folder holding CT-0..CT-4; folder: folder of scans
+  d.labels_csv = ""               # folder: CSV of filename,label[,patient_id]
+  d.num_scans = 160               # synthetic: how many phantoms to generate
+  d.phantom_seed = 0              # synthetic: the phantom set's seed
+  d.shape = (32, 64, 64)          # preprocessed volume (depth, height, width)
+  d.hu_window = (-1000.0, 400.0)  # lung window, mapped to [0, 1]
+  d.target_spacing = ()           # (z, y, x) mm; empty = resize only
+  d.split_fractions = (0.7, 0.15, 0.15)  # train / validation / test, by patient
+  d.split_seed = 0
+  d.on_bad_scan = "skip"          # skip | fail
+  d.label = "binary"              # binary (normal vs abnormal) | grade (severity CT-0..CT-4)
+  # Loader
+  d.num_threads = 2
+  d.prefetch = 4
+  # On-device 3D augmentation (training only)
+  d.augment = ml_collections.ConfigDict()
+  d.augment.enabled = True
+  d.augment.max_rotate_deg = 10.0   # rotation in the axial plane
+  d.augment.flip_lr = True
+  d.augment.intensity_shift = 0.05
+  d.augment.intensity_scale = 0.05
+  return d
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay float32)
+  c.data = get_data_config()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cnn3d"          # cnn3d | resnet3d
+  c.model.features = (16, 16, 32, 64)  # the tutorial uses (64, 64, 128, 256); smaller for CPU
+  c.model.dense = 128             # tutorial: 512
+  c.model.dropout = 0.3
+  c.model.depth = 18              # resnet3d: 10 | 18 | 34
+  c.model.width = 64              # resnet3d: channels of the first stage
+  c.model.remat = False           # rematerialise activations in the backward pass
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 8          # global batch, split over all devices
+  c.train.num_epochs = 12
+  c.train.num_steps = -1          # > 0 overrides num_epochs
+  c.train.optimizer = "adam"      # adam | adamw | sgd
+  c.train.learning_rate = 1e-3
+  c.train.schedule = "exponential"  # exponential | warmup_cosine | constant
+  c.train.decay_steps = 100000    # exponential decay like the tutorial: lr * 0.96^(step/decay_steps)
+  c.train.decay_rate = 0.96
+  c.train.staircase = True
+  c.train.warmup_steps = 0
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 0.0         # global-norm clip; 0 = off
+  c.train.class_weights = ()      # e.g. (1.0, 2.0); empty = unweighted
+  c.train.log_every_steps = 10
+  c.train.eval_every_steps = 0    # 0 = once per epoch
+  c.train.checkpoint_every_steps = 0  # 0 = at every evaluation
+  c.train.keep_checkpoints = 2
+  c.train.early_stopping_patience = 0  # evaluations without val AUC improvement; 0 = off
+  c.train.progress_bar = True
+  c.resume = True                 # resume from the latest checkpoint in the workdir
+  return c
