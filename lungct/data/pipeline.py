@@ -1,0 +1,148 @@
+"""Grain input pipelines over the TFDS ArrayRecord data source.
+
+`make_dataset` returns a `grain.MapDataset` whose element `i` is this host's part of
+the batch of global step `i`: resuming at step `s` is `ds[s:]` (or
+`iterate(ds, start_step=s)`), with exactly the data order of an uninterrupted run.
+
+Order: examples are shuffled per epoch with `seed` (grain's index shuffle, a new
+permutation every epoch), cut into global batches within each epoch, and each host
+takes its contiguous slice `[process_index * L, (process_index + 1) * L)` of every
+global batch (L = global_batch_size / process_count), so only the examples a host
+uses are read by that host.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+_DTYPES = {"image": np.float32, "label": np.int32, "grade": np.int32, "mask": np.uint8,
+           "spacing": np.float32, "orig_shape": np.int32}
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int, drop_remainder: bool = True) -> int:
+  """Global steps in one epoch of `num_examples`."""
+  if drop_remainder:
+    return num_examples // global_batch_size
+  return -(-num_examples // global_batch_size)
+
+
+def _to_text(x: Any) -> Any:
+  return x.decode("utf-8") if isinstance(x, bytes) else x
+
+
+def collate(examples: Sequence[Mapping[str, Any]]) -> Batch:
+  """List of TFDS examples -> dict of stacked numpy arrays (image float32, label int32, ...)."""
+  batch = {}
+  for key in examples[0]:
+    values = [ex[key] for ex in examples]
+    if key in ("study_id", "patient_id"):
+      arr = np.empty(len(values), dtype=object)
+      arr[:] = [_to_text(v) for v in values]
+      batch[key] = arr
+    else:
+      batch[key] = np.stack([np.asarray(v) for v in values]).astype(_DTYPES.get(key), copy=False)
+  return batch
+
+
+class _HostBatch:
+  """Global step -> this host's slice of that step's global batch (picklable)."""
+
+  def __init__(self, examples: grain.MapDataset, num_examples: int, global_batch_size: int,
+               local_batch_size: int, offset: int, steps_per_epoch: int):
+    self.examples = examples
+    self.n = num_examples
+    self.global_batch_size = global_batch_size
+    self.local_batch_size = local_batch_size
+    self.offset = offset
+    self.steps_per_epoch = steps_per_epoch
+
+  def indices(self, step: int) -> list[int]:
+    """Positions in the per-epoch shuffled, repeated example stream."""
+    epoch, b = divmod(step, self.steps_per_epoch)
+    start = epoch * self.n + b * self.global_batch_size + self.offset
+    stop = min(start + self.local_batch_size, (epoch + 1) * self.n)
+    return list(range(start, stop))
+
+  def __call__(self, step: int) -> Batch:
+    return collate([self.examples[i] for i in self.indices(int(step))])
+
+
+def make_dataset(source: Sequence[Mapping[str, Any]], *, global_batch_size: int, seed: int,
+                 shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.MapDataset:
+  """Batches for every global step, this host's share.
+
+  Args:
+    source: random-access examples, e.g. `builder.as_data_source("train")`.
+    global_batch_size: examples per step over all hosts; divisible by process_count.
+    seed: shuffle seed (a new permutation each epoch, reproducible).
+    shuffle: shuffle examples each epoch.
+    num_epochs: epochs to cover; None = repeat forever.
+    drop_remainder: drop each epoch's last incomplete global batch (needed when
+      process_count > 1, so every host gets the same batch shape).
+    process_index: this host (default jax.process_index()).
+    process_count: hosts (default jax.process_count()).
+
+  Returns:
+    MapDataset: element i = dict of numpy arrays for global step i (image float32
+    (L, D, H, W, 1), label/grade int32 (L,), mask uint8, study_id/patient_id object),
+    L = global_batch_size // process_count.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                     f"process_count {process_count}")
+  if not drop_remainder and process_count > 1:
+    raise ValueError("drop_remainder=False with several hosts would give hosts unequal "
+                     "batches; use eval_batches for exact evaluation")
+  n = len(source)
+  spe = steps_per_epoch(n, global_batch_size, drop_remainder)
+  if spe == 0:
+    raise ValueError(f"{n} examples give no full batch of {global_batch_size}")
+  examples = grain.MapDataset.source(source)
+  if shuffle:
+    examples = examples.shuffle(seed=seed)
+  examples = examples.repeat(num_epochs)
+  # Infinite: as many steps as the (sys.maxsize long) repeated stream holds.
+  epochs = num_epochs if num_epochs is not None else sys.maxsize // max(n, 1)
+  local = global_batch_size // process_count
+  fetch = _HostBatch(examples, n, global_batch_size, local, process_index * local, spe)
+  return grain.MapDataset.range(epochs * spe).map(fetch)
+
+
+def iterate(ds: grain.MapDataset, start_step: int = 0, num_threads: int = 2,
+            prefetch: int = 4) -> Iterator[Batch]:
+  """Iterates `ds` from `start_step` with `num_threads` reader threads, `prefetch` batches ahead."""
+  if start_step:
+    ds = ds[start_step:]
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+  """Every example exactly once, in order, in batches of static shape.
+
+  The last batch is padded by repeating the final example; `batch["valid"]` (bool
+  (B,)) is False on padding. With several hosts, each host yields its slice of every
+  global batch of `batch_size` (B = batch_size // process_count).
+  """
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
+  n = len(source)
+  local = batch_size // process_count
+  for start in range(0, n, batch_size):
+    idx = np.arange(start + process_index * local, start + (process_index + 1) * local)
+    valid = idx < n
+    idx = np.minimum(idx, n - 1)
+    batch = collate([source[int(i)] for i in idx])
+    batch["valid"] = valid
+    yield batch
