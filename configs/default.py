@@ -15,13 +15,14 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.labels_csv = ""               # folder: CSV of filename,label[,patient_id]
   d.num_scans = 160               # synthetic: how many phantoms to generate
   d.phantom_seed = 0              # synthetic: the phantom set's seed
-  d.shape = (32, 64, 64)          # preprocessed volume (depth, height, width)
+  d.shape = (48, 64, 64)          # preprocessed volume (depth, height, width); the tutorial CNN needs >= 46
   d.hu_window = (-1000.0, 400.0)  # lung window, mapped to [0, 1]
   d.target_spacing = ()           # (z, y, x) mm; empty = resize only
   d.split_fractions = (0.7, 0.15, 0.15)  # train / validation / test, by patient
   d.split_seed = 0
   d.on_bad_scan = "skip"          # skip | fail
   d.label = "binary"              # binary (normal vs abnormal) | grade (severity CT-0..CT-4)
+  d.num_classes = 5               # label=grade: number of severity grades
   # Loader
   d.num_threads = 2
   d.prefetch = 4
@@ -70,5 +71,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.early_stopping_patience = 0  # evaluations without val AUC improvement; 0 = off
   c.train.progress_bar = True
+  c.eval = ml_collections.ConfigDict()
+  c.eval.n_boot = 1000            # bootstrap resamples (by patient) for confidence intervals
+  c.eval.sensitivity_targets = (0.9, 0.95)  # extra operating points: threshold reaching this sensitivity on validation
+
+  c.cv = ml_collections.ConfigDict()
+  c.cv.folds = 5                  # --mode=cv: k, over train+validation, grouped by patient, stratified by label
+  c.cv.seed = 0
+
   c.resume = True                 # resume from the latest checkpoint in the workdir
+  c.init_from = ""                # transfer learning: a workdir or checkpoint step folder to load matching params from
+  c.freeze = ()                   # regexes of parameter paths kept fixed (e.g. "blocks_0/.*")
   return c

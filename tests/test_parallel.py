@@ -1,0 +1,49 @@
+"""Data parallelism: one train step on 8 (virtual CPU) devices equals the same step on 1 device."""
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from lungct import train
+    from tests.helpers import tiny_config
+    assert jax.device_count() == 8, jax.devices()
+    c = tiny_config("/nonexistent", **{"train.batch_size": 8})
+    c.model.dropout = 0.3          # dropout and augmentation on: their randomness must not depend on sharding
+    rng = np.random.default_rng(0)
+    images = rng.random((8, *c.data.shape, 1), dtype=np.float32)
+    labels = np.array([0, 1] * 4, np.int32)
+    results = []
+    for n in (1, 8):
+      mesh = train.make_mesh(jax.devices()[:n])
+      graphdef, state, tx = train.create_state(c, 10)
+      state = jax.device_put(state, NamedSharding(mesh, P()))
+      step, _ = train.compile_steps(graphdef, tx, c, mesh)
+      x = train.to_global(mesh, images)
+      assert len(x.sharding.device_set) == n
+      new, m = step(state, x, train.to_global(mesh, labels), jax.random.PRNGKey(0))
+      results.append((float(m["loss"]), jax.tree.map(np.asarray, new)))
+    (l1, s1), (l8, s8) = results
+    print("loss", l1, l8)
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(s1["batch_stats"]), jax.tree.leaves(s8["batch_stats"])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(train.create_state(c, 10)[1]["params"]))]
+    assert any(changed)
+    print("OK")
+""")
+
+
+def test_eight_devices_match_one():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+  assert "OK" in out.stdout

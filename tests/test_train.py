@@ -1,0 +1,109 @@
+"""Training: the loss goes down, resume is exact, checkpoints and metrics files appear, configs are checked."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from lungct import config_check, train
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+def _params(workdir, config):
+  from lungct import evaluate
+  _, state, _, step = evaluate.load_model(config, workdir, os.path.join(workdir, "checkpoints"))
+  return step, jax.tree.map(np.asarray, state["params"])
+
+
+def test_loss_goes_down_and_files_written(data_dir, tmp_path):
+  c = tiny_config(data_dir)
+  c.data.augment.enabled = False
+  c.model.dropout = 0.0
+  c.train.num_epochs = 0
+  c.train.num_steps = 30
+  c.train.eval_every_steps = 15
+  c.train.log_every_steps = 5
+  c.train.learning_rate = 3e-3
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  losses = [r["train/loss"] for r in records if "train/loss" in r]
+  assert len(losses) == 6
+  assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+  assert summary["steps"] == 30
+  m = json.load(open(tmp_path / "metrics.json"))
+  for key in ("accuracy", "sensitivity", "specificity", "roc_auc", "tp", "fp", "tn", "fn"):
+    assert key in m["validation"] and key in m["test"]
+  assert os.listdir(tmp_path / "tensorboard")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["15", "30"]
+  assert len(os.listdir(tmp_path / "best")) == 1
+
+
+def test_resume_gives_identical_parameters(data_dir, tmp_path):
+  base = dict(**{"train.num_epochs": 0, "train.checkpoint_every_steps": 4, "train.eval_every_steps": 100})
+  c_full = tiny_config(data_dir, **base, **{"train.num_steps": 8})
+  train.train_and_evaluate(c_full, str(tmp_path / "full"))
+  c_half = tiny_config(data_dir, **base, **{"train.num_steps": 4})
+  train.train_and_evaluate(c_half, str(tmp_path / "resumed"))
+  train.train_and_evaluate(c_full, str(tmp_path / "resumed"))  # same command, longer: resumes at step 4
+  step_a, pa = _params(str(tmp_path / "full"), c_full)
+  step_b, pb = _params(str(tmp_path / "resumed"), c_full)
+  assert step_a == step_b == 8
+  for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_refuses_a_different_config(data_dir, tmp_path):
+  c = tiny_config(data_dir, **{"train.num_epochs": 0, "train.num_steps": 2})
+  train.train_and_evaluate(c, str(tmp_path))
+  other = tiny_config(data_dir, **{"train.num_epochs": 0, "train.num_steps": 4, "train.learning_rate": 0.1})
+  with pytest.raises(config_check.ConfigError, match="train.learning_rate"):
+    train.train_and_evaluate(other, str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.batch_size", 3, "train.batch_size"),
+    ("train.learning_rate", -1.0, "train.learning_rate"),
+    ("data.shape", (16, 16, 16), "data.shape"),
+    ("model.name", "cnn3d", None),
+])
+def test_config_validation_names_the_key(key, value, message, tmp_path):
+  c = tiny_config(tmp_path, **{key: value})
+  if message is None:
+    config_check.validate(c, num_devices=2)
+    return
+  with pytest.raises(config_check.ConfigError, match=message.replace(".", r"\.")):
+    config_check.validate(c, num_devices=2)
+
+
+def test_freeze_keeps_matching_parameters_fixed(data_dir, tmp_path):
+  c = tiny_config(data_dir, **{"train.num_epochs": 0, "train.num_steps": 3})
+  graphdef, state0, _ = train.create_state(c, 3)
+  frozen_names = [n for n in _names(state0["params"]) if n.startswith(_first_block(state0["params"]))]
+  c.freeze = (_first_block(state0["params"]) + "/.*",)
+  train.train_and_evaluate(c, str(tmp_path))
+  _, p = _params(str(tmp_path), c)
+  before, after = _flat(state0["params"]), _flat(p)
+  assert frozen_names
+  for n in before:
+    if n in frozen_names:
+      np.testing.assert_array_equal(before[n], after[n])
+  assert any(not np.array_equal(before[n], after[n]) for n in before if n not in frozen_names)
+
+
+def _flat(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _names(tree):
+  return list(_flat(tree))
+
+
+def _first_block(tree):
+  return sorted(tree)[0]
