@@ -14,6 +14,10 @@ SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 8, jax.devices()
     c = tiny_config("/nonexistent", **{"train.batch_size": 8})
     c.model.dropout = 0.3          # dropout and augmentation on: their randomness must not depend on sharding
+    # SGD: the update is linear in the gradient, so parameters compare at float tolerance. (Adam's first step is
+    # lr * g / (|g| + eps): for gradients ~1e-9 the sign is float noise, which says nothing about parallelism.)
+    c.train.optimizer = "sgd"
+    c.train.learning_rate = 0.1
     rng = np.random.default_rng(0)
     images = rng.random((8, *c.data.shape, 1), dtype=np.float32)
     labels = np.array([0, 1] * 4, np.int32)
@@ -26,14 +30,15 @@ SCRIPT = textwrap.dedent("""
       x = train.to_global(mesh, images)
       assert len(x.sharding.device_set) == n
       new, m = step(state, x, train.to_global(mesh, labels), jax.random.PRNGKey(0))
-      results.append((float(m["loss"]), jax.tree.map(np.asarray, new)))
-    (l1, s1), (l8, s8) = results
-    print("loss", l1, l8)
+      results.append((float(m["loss"]), float(m["grad_norm"]), jax.tree.map(np.asarray, new)))
+    (l1, g1, s1), (l8, g8, s8) = results
+    print("loss", l1, l8, "grad norm", g1, g8)
     np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    np.testing.assert_allclose(g1, g8, rtol=1e-4)
     for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"])):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
     for a, b in zip(jax.tree.leaves(s1["batch_stats"]), jax.tree.leaves(s8["batch_stats"])):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
     changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(train.create_state(c, 10)[1]["params"]))]
     assert any(changed)
     print("OK")
