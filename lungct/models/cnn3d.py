@@ -1,0 +1,99 @@
+"""The 3D CNN of the Keras tutorial "3D image classification from CT scans".
+
+Four blocks of Conv3D(3, relu, VALID) -> MaxPool3D(2) -> BatchNorm, global
+average pooling, Dense(relu), Dropout, Dense(logits). Keras defaults are kept:
+glorot-uniform kernels, zero biases, BatchNorm momentum 0.99 and epsilon 1e-3.
+Input is channels-last (B, D, H, W, C).
+"""
+from collections.abc import Sequence
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lungct.models import common
+
+_KERNEL_INIT = nnx.initializers.glorot_uniform()  # Keras default
+
+
+def min_input_size(num_blocks: int, padding: str) -> int:
+  """Smallest spatial size that survives `num_blocks` conv+pool blocks."""
+  if padding == "SAME":
+    return 2 ** num_blocks
+  size = 1  # at least one voxel after the last pool
+  for _ in range(num_blocks):
+    size = 2 * size + 2  # undo the pool (floor), then the VALID 3x3x3 conv
+  return size
+
+
+class ConvBlock(nnx.Module):
+  """Conv3D(3x3x3) + relu -> MaxPool3D(2) -> BatchNorm, in the tutorial's order."""
+
+  def __init__(self, in_features: int, out_features: int, *, padding: str,
+               dtype: Any, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(in_features, out_features, (3, 3, 3), padding=padding,
+                         kernel_init=_KERNEL_INIT, dtype=dtype,
+                         param_dtype=common.PARAM_DTYPE, rngs=rngs)
+    self.bn = nnx.BatchNorm(out_features, momentum=0.99, epsilon=1e-3,
+                            dtype=dtype, param_dtype=common.PARAM_DTYPE,
+                            rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = nnx.relu(self.conv(x))
+    x = nnx.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+    return self.bn(x, use_running_average=not train)
+
+
+class CNN3D(nnx.Module):
+  """The Keras tutorial 3D CNN (features 64, 64, 128, 256; dense 512; dropout 0.3)."""
+
+  def __init__(self, *, num_outputs: int, features: Sequence[int] = (64, 64, 128, 256),
+               dense: int = 512, dropout: float = 0.3, in_channels: int = 1,
+               padding: str = "VALID", remat: bool = False,
+               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if padding not in ("VALID", "SAME"):
+      raise ValueError(f"CNN3D padding must be 'VALID' or 'SAME', got {padding!r}")
+    dtype = common.as_dtype(dtype)
+    self.padding = padding
+    self.remat = remat
+    self.min_size = min_input_size(len(features), padding)
+    widths = (in_channels, *features)
+    self.blocks = nnx.List([
+        ConvBlock(widths[i], widths[i + 1], padding=padding, dtype=dtype, rngs=rngs)
+        for i in range(len(features))
+    ])
+    self.dense = nnx.Linear(features[-1], dense, kernel_init=_KERNEL_INIT,
+                            dtype=dtype, param_dtype=common.PARAM_DTYPE, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)  # the key comes with each call
+    self.head = nnx.Linear(dense, num_outputs, kernel_init=_KERNEL_INIT,
+                           dtype=dtype, param_dtype=common.PARAM_DTYPE, rngs=rngs)
+
+  @classmethod
+  def from_config(cls, model_cfg: ml_collections.ConfigDict, *, num_outputs: int,
+                  dtype: Any, rngs: nnx.Rngs) -> "CNN3D":
+    return cls(num_outputs=num_outputs, features=tuple(model_cfg.features),
+               dense=model_cfg.dense, dropout=model_cfg.dropout,
+               in_channels=model_cfg.get("in_channels", 1),
+               padding=model_cfg.get("padding", "VALID"),
+               remat=model_cfg.get("remat", False), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool,
+               dropout_key: jax.Array | None = None) -> jax.Array:
+    """(B, D, H, W, C) -> float32 logits (B, num_outputs).
+
+    Dropout is active only when `train` is True and `dropout_key` is given.
+    """
+    if x.ndim != 5 or min(x.shape[1:4]) < self.min_size:
+      raise ValueError(
+          f"CNN3D expects (B, D, H, W, C) with D, H, W >= {self.min_size} for "
+          f"{len(self.blocks)} blocks with padding={self.padding!r}; got shape "
+          f"{tuple(x.shape)}. Use a larger data.shape or model.padding='SAME'.")
+    for block in self.blocks:
+      x = common.apply_block(block, x, train=train, remat=self.remat)
+    x = jnp.mean(x, axis=(1, 2, 3))  # GlobalAveragePooling3D
+    x = nnx.relu(self.dense(x))
+    x = self.dropout(x, deterministic=not train or dropout_key is None,
+                     rngs=dropout_key)
+    return self.head(x).astype(jnp.float32)
