@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.features = (16, 16, 32, 64)  # the tutorial uses (64, 64, 128, 256); smaller for CPU
   c.model.dense = 128             # tutorial: 512
   c.model.dropout = 0.3
+  c.model.bn_momentum = 0.9       # running-stat momentum; Keras' 0.99 needs far more steps than a CPU demo runs
   c.model.depth = 18              # resnet3d: 10 | 18 | 34
   c.model.width = 64              # resnet3d: channels of the first stage
   c.model.remat = False           # rematerialise activations in the backward pass

@@ -58,6 +58,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
        "data.target_spacing", "empty or three positive spacings in mm")
   need(not tc.class_weights or (len(tc.class_weights) == _num_classes(config) and min(tc.class_weights) > 0),
        "train.class_weights", f"empty or {_num_classes(config)} positive weights")
+  need(config.data.source == "synthetic" or config.data.manual_dir, "data.manual_dir",
+       f"data.source={config.data.source!r} reads scans from a manual dir: pass --config.data.manual_dir=<folder>")
+  need(config.data.source != "folder" or config.data.labels_csv, "data.labels_csv",
+       "data.source='folder' needs a CSV of filename,label[,patient_id]")
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
   _check_model_fits(config)

@@ -24,6 +24,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch at INFO
   import jax
   if os.environ.get("LUNGCT_DISTRIBUTED"):  # multi-host: one process per host, coordinator from the environment
     jax.distributed.initialize()

@@ -32,11 +32,11 @@ class ConvBlock(nnx.Module):
   """Conv3D(3x3x3) + relu -> MaxPool3D(2) -> BatchNorm, in the tutorial's order."""
 
   def __init__(self, in_features: int, out_features: int, *, padding: str,
-               dtype: Any, rngs: nnx.Rngs):
+               dtype: Any, rngs: nnx.Rngs, bn_momentum: float = 0.99):
     self.conv = nnx.Conv(in_features, out_features, (3, 3, 3), padding=padding,
                          kernel_init=_KERNEL_INIT, dtype=dtype,
                          param_dtype=common.PARAM_DTYPE, rngs=rngs)
-    self.bn = nnx.BatchNorm(out_features, momentum=0.99, epsilon=1e-3,
+    self.bn = nnx.BatchNorm(out_features, momentum=bn_momentum, epsilon=1e-3,
                             dtype=dtype, param_dtype=common.PARAM_DTYPE,
                             rngs=rngs)
 
@@ -51,7 +51,7 @@ class CNN3D(nnx.Module):
 
   def __init__(self, *, num_outputs: int, features: Sequence[int] = (64, 64, 128, 256),
                dense: int = 512, dropout: float = 0.3, in_channels: int = 1,
-               padding: str = "VALID", remat: bool = False,
+               padding: str = "VALID", remat: bool = False, bn_momentum: float = 0.99,
                dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if padding not in ("VALID", "SAME"):
       raise ValueError(f"CNN3D padding must be 'VALID' or 'SAME', got {padding!r}")
@@ -61,7 +61,8 @@ class CNN3D(nnx.Module):
     self.min_size = min_input_size(len(features), padding)
     widths = (in_channels, *features)
     self.blocks = nnx.List([
-        ConvBlock(widths[i], widths[i + 1], padding=padding, dtype=dtype, rngs=rngs)
+        ConvBlock(widths[i], widths[i + 1], padding=padding, dtype=dtype, rngs=rngs,
+                  bn_momentum=bn_momentum)
         for i in range(len(features))
     ])
     self.dense = nnx.Linear(features[-1], dense, kernel_init=_KERNEL_INIT,
@@ -77,6 +78,7 @@ class CNN3D(nnx.Module):
                dense=model_cfg.dense, dropout=model_cfg.dropout,
                in_channels=model_cfg.get("in_channels", 1),
                padding=model_cfg.get("padding", "VALID"),
+               bn_momentum=model_cfg.get("bn_momentum", 0.99),
                remat=model_cfg.get("remat", False), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool,

@@ -1,0 +1,36 @@
+"""The Keras tutorial's setup on MosMedData (CT-0 vs CT-1..CT-4), from a manual dir.
+
+Download MosMedData yourself and point manual_dir at the folder holding CT-0 ... CT-4:
+
+    python -m lungct.main --config configs/mosmed_cnn3d.py --workdir runs/mosmed \
+        --config.data.manual_dir=/path/to/MosMedData
+"""
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.data.source = "mosmeddata"
+  c.data.manual_dir = ""                  # required: the folder holding CT-0 ... CT-4 (and masks/)
+  c.data.shape = (64, 128, 128)           # the tutorial's 128x128x64 volumes, as (depth, height, width)
+  c.data.hu_window = (-1000.0, 400.0)
+  c.data.augment.max_rotate_deg = 20.0    # the tutorial rotates by one of (-20, -10, -5, 5, 10, 20) degrees
+  c.data.augment.flip_lr = False
+  c.data.augment.intensity_shift = 0.0
+  c.data.augment.intensity_scale = 0.0
+  c.model.name = "cnn3d"
+  c.model.features = (64, 64, 128, 256)
+  c.model.dense = 512
+  c.model.dropout = 0.3
+  c.model.bn_momentum = 0.99              # Keras default
+  c.train.batch_size = 2
+  c.train.num_epochs = 100
+  c.train.optimizer = "adam"
+  c.train.learning_rate = 1e-4            # ExponentialDecay(1e-4, decay_steps=100000, decay_rate=0.96, staircase=True)
+  c.train.schedule = "exponential"
+  c.train.decay_steps = 100000
+  c.train.decay_rate = 0.96
+  c.train.staircase = True
+  c.train.early_stopping_patience = 15    # the tutorial's EarlyStopping(monitor="val_acc", patience=15)
+  c.train.log_every_steps = 20
+  return c
