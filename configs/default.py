@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.n_boot = 1000            # bootstrap resamples (by patient) for confidence intervals
   c.eval.sensitivity_targets = (0.9, 0.95)  # extra operating points: threshold reaching this sensitivity on validation
 
+  c.predict = ml_collections.ConfigDict()
+  c.predict.input = ""            # --mode=predict: a .nii/.nii.gz file or a folder of them
+  c.predict.threshold = -1.0      # < 0: Youden threshold from --mode=eval if present, else 0.5
+
   c.cv = ml_collections.ConfigDict()
   c.cv.folds = 5                  # --mode=cv: k, over train+validation, grouped by patient, stratified by label
   c.cv.seed = 0

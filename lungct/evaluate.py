@@ -9,7 +9,7 @@ import copy
 import csv
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import ml_collections
@@ -19,8 +19,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lungct import checkpoint, metrics, train
 
 
-def load_model(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = ""):
-  """(predict_fn, state, mesh, step) restored from ``checkpoint_path`` or the workdir's best checkpoint."""
+class Loaded(NamedTuple):
+  graphdef: Any
+  state: dict
+  predict: Any   # jitted (state, images) -> probabilities
+  mesh: Any
+  step: int
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "") -> Loaded:
+  """The model restored from ``checkpoint_path`` or the workdir's best checkpoint, ready to predict."""
   graphdef, state, tx = train.create_state(config, total_steps=1)
   mesh = train.make_mesh()
   state = jax.device_put(state, NamedSharding(mesh, P()))
@@ -28,7 +36,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str, checkpoint_path:
   mngr = checkpoint.ocp.CheckpointManager(directory, item_names=("state", "meta"))
   state, _ = checkpoint.restore(mngr, state, step)
   _, predict = train.compile_steps(graphdef, tx, config, mesh)
-  return predict, state, mesh, step
+  return Loaded(graphdef, state, predict, mesh, step)
 
 
 def predict_split(config, predict, state, mesh, source) -> dict[str, np.ndarray]:
@@ -44,6 +52,7 @@ def evaluate_predictions(val: dict, test: dict, *, n_boot: int = 1000, seed: int
   for name, threshold in points.items():
     result["operating_points"][name] = {
         "threshold": float(threshold),
+        "counts": metrics.confusion_counts(test["label"], (test["prob"] >= threshold).astype(int)),
         "metrics": metrics.metrics_with_ci(test["label"], test["prob"], threshold,
                                            groups=test["patient_id"], n_boot=n_boot, seed=seed)}
   fpr, tpr, thr = metrics.roc_curve(test["label"], test["prob"])
@@ -73,10 +82,11 @@ def write_predictions(path: str, pred: dict, threshold: float = 0.5) -> None:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str = "test",
                         checkpoint_path: str = "") -> dict:
   """--mode=eval: writes eval_<split>.json and predictions_<split>.csv in the workdir."""
-  predict, state, mesh, step = load_model(config, workdir, checkpoint_path)
+  m = load_model(config, workdir, checkpoint_path)
+  step = m.step
   sources = train.data_sources(config)
-  val = predict_split(config, predict, state, mesh, sources["validation"])
-  test = val if split == "validation" else predict_split(config, predict, state, mesh, sources[split])
+  val = predict_split(config, m.predict, m.state, m.mesh, sources["validation"])
+  test = val if split == "validation" else predict_split(config, m.predict, m.state, m.mesh, sources[split])
   if config.data.label == "binary":
     result = evaluate_predictions(val, test, n_boot=config.eval.n_boot, seed=config.seed,
                                   sensitivity_targets=tuple(config.eval.sensitivity_targets))

@@ -15,9 +15,9 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (get_config()).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, metrics and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "cv"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "cv", "predict", "report"], "What to do.")
 flags.DEFINE_string("split", "test", "Split for --mode=eval.")
-flags.DEFINE_string("checkpoint", "", "--mode=eval: a checkpoint folder or step; default the workdir's best.")
+flags.DEFINE_string("checkpoint", "", "--mode=eval/predict: a checkpoint folder or step; default the workdir's best.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,6 +39,12 @@ def main(argv):
   elif FLAGS.mode == "cv":
     from lungct import evaluate
     evaluate.cross_validate(config, workdir)
+  elif FLAGS.mode == "predict":
+    from lungct import predict
+    predict.predict_scans(config, workdir, checkpoint_path=FLAGS.checkpoint)
+  elif FLAGS.mode == "report":
+    from lungct import report
+    report.build_report(config, workdir, checkpoint_path=FLAGS.checkpoint)
 
 
 if __name__ == "__main__":

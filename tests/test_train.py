@@ -17,8 +17,8 @@ def data_dir(tmp_path_factory):
 
 def _params(workdir, config):
   from lungct import evaluate
-  _, state, _, step = evaluate.load_model(config, workdir, os.path.join(workdir, "checkpoints"))
-  return step, jax.tree.map(np.asarray, state["params"])
+  m = evaluate.load_model(config, workdir, os.path.join(workdir, "checkpoints"))
+  return m.step, jax.tree.map(np.asarray, m.state["params"])
 
 
 def test_loss_goes_down_and_files_written(data_dir, tmp_path):

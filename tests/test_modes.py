@@ -1,0 +1,111 @@
+"""The evaluation modes end to end on a tiny trained model: eval, predict, report, cv."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lungct import evaluate, predict, report, train
+from lungct.data import nifti, phantom
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  workdir = str(tmp_path_factory.mktemp("run"))
+  c = tiny_config(data_dir, **{"train.num_epochs": 0, "train.num_steps": 8, "train.eval_every_steps": 4})
+  train.train_and_evaluate(c, workdir)
+  return c, workdir
+
+
+def test_eval_writes_metrics_with_cis_and_predictions(trained):
+  c, workdir = trained
+  result = evaluate.evaluate_checkpoint(c, workdir, split="test")
+  saved = json.load(open(os.path.join(workdir, "eval_test.json")))
+  assert set(saved["operating_points"]) == {"default@0.5", "youden", "sens>=0.90", "sens>=0.95"}
+  op = saved["operating_points"]["default@0.5"]
+  assert op["threshold"] == 0.5
+  for name in ("accuracy", "sensitivity", "specificity", "roc_auc", "ppv", "npv", "f1", "brier", "ece"):
+    m = op["metrics"][name]
+    if np.isfinite(m["value"]):
+      assert m["lo"] <= m["value"] + 1e-9 and m["value"] <= m["hi"] + 1e-9
+  rows = list(csv.DictReader(open(os.path.join(workdir, "predictions_test.csv"))))
+  assert len(rows) == saved["n"] == result["n"]
+  probs = np.array([float(r["probability"]) for r in rows])
+  labels = np.array([int(r["label"]) for r in rows])
+  assert np.all((probs >= 0) & (probs <= 1))
+  counts = op["counts"]
+  assert counts["tp"] == int(np.sum((probs >= 0.5) & (labels == 1)))
+  assert counts["tn"] == int(np.sum((probs < 0.5) & (labels == 0)))
+
+
+def test_predict_scans_and_skips_bad_files(trained, tmp_path):
+  c, workdir = trained
+  ph = phantom.make_phantom(3, 2, shape_xyz=(64, 64, 48))
+  good = phantom.write_phantom_nifti(ph, str(tmp_path / "scans" / "good.nii.gz"))
+  (tmp_path / "scans" / "broken.nii.gz").write_bytes(b"not a nifti file")
+  c = c.copy_and_resolve_references()
+  c.predict.input = str(tmp_path / "scans")
+  rows = predict.predict_scans(c, workdir)
+  by_name = {os.path.basename(r["file"]): r for r in rows}
+  assert by_name["broken.nii.gz"]["error"] and by_name["broken.nii.gz"]["probability"] == ""
+  p = float(by_name["good.nii.gz"]["probability"])
+  assert 0 <= p <= 1 and by_name["good.nii.gz"]["decision"] in ("normal", "abnormal")
+  assert os.path.getsize(os.path.join(workdir, "predictions", "good_gradcam.png")) > 1000
+  # The same scan through the dataset path gives the same probability (same preprocessing).
+  m = evaluate.load_model(c, workdir)
+  from lungct.data import preprocess
+  image = preprocess.preprocess_scan(nifti.load_scan(good), c.data)["image"][None, ..., None]
+  direct = float(np.asarray(m.predict(m.state, train.to_global(m.mesh, image)))[0])
+  assert abs(direct - p) < 1e-5
+
+
+def test_report_is_self_contained_html(trained):
+  c, workdir = trained
+  path = report.build_report(c, workdir)
+  text = open(path).read()
+  assert "data:image/png;base64," in text and "<img src='report/" not in text
+  for needed in ("Sensitivity", "Specificity", "ROC-AUC", "Of 100 patients", "not for diagnosis", "synthetic"):
+    assert needed in text
+  md = open(os.path.join(workdir, "report.md")).read()
+  assert "| ROC-AUC |" in md
+  for png in ("roc.png", "confusion.png", "reliability.png", "training_curves.png"):
+    assert os.path.getsize(os.path.join(workdir, "report", png)) > 1000
+
+
+def test_per_100_wording():
+  m = {"sensitivity": {"value": 0.9}, "specificity": {"value": 0.75}}
+  text = report.per_100(m)
+  assert "flags about <b>90</b>" in text and "misses about <b>10</b>" in text
+  assert "clears about <b>75</b>" in text and "wrongly flags about <b>25</b>" in text
+
+
+def test_stratified_group_kfold_keeps_patients_together():
+  labels = np.array([0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1])
+  groups = np.array(["a", "a", "b", "c", "d", "e", "f", "g", "g", "h", "i", "j"])
+  folds = evaluate.stratified_group_kfold(labels, groups, 3, seed=0)
+  assert sorted(np.concatenate(folds).tolist()) == list(range(12))
+  owner = {}
+  for f, idx in enumerate(folds):
+    for i in idx:
+      assert owner.setdefault(groups[i], f) == f  # a patient never spans folds
+  for idx in folds:
+    assert 1 <= labels[idx].sum() <= 3 and (labels[idx] == 0).sum() >= 1
+
+
+def test_cross_validation_writes_summary(trained, tmp_path):
+  c, _ = trained
+  c = c.copy_and_resolve_references()
+  c.cv.folds = 2
+  c.train.num_steps = 2
+  c.train.eval_every_steps = 2
+  out = evaluate.cross_validate(c, str(tmp_path))
+  assert out["folds"] == 2 and len(out["per_fold"]) == 2
+  n_pool = sum(f["n_heldout"] for f in out["per_fold"])
+  assert all(f["n_train"] + f["n_heldout"] == n_pool for f in out["per_fold"])
+  s = json.load(open(tmp_path / "cv_summary.json"))["summary"]["auc"]
+  assert s["mean"] == pytest.approx(np.nanmean(s["per_fold"]))
+  assert "| auc |" in open(tmp_path / "cv_summary.md").read()
+  assert os.path.exists(tmp_path / "fold_0" / "metrics.json") and os.path.exists(tmp_path / "fold_1" / "metrics.json")
