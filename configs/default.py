@@ -86,5 +86,5 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.resume = True                 # resume from the latest checkpoint in the workdir
   c.init_from = ""                # transfer learning: a workdir or checkpoint step folder to load matching params from
-  c.freeze = ()                   # regexes of parameter paths kept fixed (e.g. "blocks_0/.*")
+  c.freeze = ()                   # regexes of parameter paths kept fixed (e.g. "blocks/0/.*": nnx.split path names)
   return c

@@ -1,0 +1,1 @@
+"""Ablation experiments: `python -m experiments.run <name>`; see experiments/README.md."""

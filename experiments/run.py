@@ -1,0 +1,126 @@
+"""Runs one ablation: every variant for several seeds, each in its own workdir, then a mean ± std table.
+
+    python -m experiments.run augment --seeds 3 --out experiments/results
+    python -m experiments.run model --seeds 2 --set train.num_epochs=2 --variants cnn3d
+
+Writes <out>/<name>.md and <out>/<name>.csv; workdirs go to <out>/runs/<name>/<variant>/seed_<s> (a run
+whose workdir already holds metrics.json for the same config is not repeated).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import os
+import shlex
+import sys
+
+import numpy as np
+
+from experiments import ablations
+
+COLUMNS = [("val_auc", "validation", "auc"), ("test_auc", "test", "auc"), ("test_accuracy", "test", "accuracy"),
+           ("test_sensitivity", "test", "sensitivity"), ("test_specificity", "test", "specificity"),
+           ("wall_time_s", None, "wall_time_s")]
+
+
+def _config(ablation: ablations.Ablation, overrides: dict, cli: dict, runs: dict[str, str]):
+  c = ablations.apply(ablations.base_config(), {**ablation.common, **overrides, **cli})
+  if c.init_from.startswith("@"):  # a prerequisite run's workdir
+    c.init_from = runs[c.init_from[1:]]
+  return c
+
+
+def _train(config, workdir: str) -> dict:
+  """train_and_evaluate's summary; reuses <workdir>/metrics.json if it was written by the same config."""
+  from lungct import train
+  from lungct.data import lung_ct
+  done, cfg_file = os.path.join(workdir, "metrics.json"), os.path.join(workdir, "run_config.json")
+  config_json = config.to_json_best_effort(sort_keys=True)
+  if os.path.exists(done) and os.path.exists(cfg_file) and open(cfg_file).read() == config_json:
+    return json.load(open(done))
+  lung_ct.prepare(config.data)  # build the dataset first: its one-off cost is not part of the wall time
+  print(f"=== {workdir}", flush=True)
+  summary = train.train_and_evaluate(config, workdir)
+  with open(cfg_file, "w") as f:
+    f.write(config_json)
+  return summary
+
+
+def run(name: str, seeds: int, out: str, cli: dict, variants: list[str] | None = None,
+        command: str = "") -> list[dict]:
+  """Trains every (variant, seed) of ablation ``name``; writes and returns the per-variant rows."""
+  ablation = ablations.ABLATIONS[name]
+  root = os.path.join(out, "runs", name)
+  runs = {}
+  for req, overrides in ablation.requires.items():
+    runs[req] = os.path.join(root, f"_{req}")
+    _train(_config(ablation, overrides, cli, runs), runs[req])
+  rows = []
+  for variant, overrides in ablation.variants:
+    if variants and variant not in variants:
+      continue
+    per_seed = []
+    for seed in range(seeds):
+      config = _config(ablation, {**overrides, "seed": seed}, cli, runs)
+      per_seed.append(_train(config, os.path.join(root, variant, f"seed_{seed}")))
+    row = {"variant": variant, "seeds": len(per_seed)}
+    for col, split, key in COLUMNS:
+      values = np.array([float(s[split][key] if split else s[key]) for s in per_seed])
+      row[col] = float(np.nanmean(values))
+      row[col + "_std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0
+    rows.append(row)
+  _write(name, ablation, rows, out, command)
+  return rows
+
+
+def _write(name: str, ablation: ablations.Ablation, rows: list[dict], out: str, command: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  fields = ["variant", "seeds"] + [f for col, _, _ in COLUMNS for f in (col, col + "_std")]
+  with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+  md = [f"# Ablation: {name}", "", f"`{command}`", "", ablation.description + ". Mean ± std over seeds; "
+        "test metrics at the best-validation-AUC checkpoint, threshold 0.5.", "",
+        "| variant | seeds | " + " | ".join(col for col, _, _ in COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS)]
+  for r in rows:
+    cells = [f"{r[col]:.1f} ± {r[col + '_std']:.1f}" if col == "wall_time_s" else
+             f"{r[col]:.3f} ± {r[col + '_std']:.3f}" for col, _, _ in COLUMNS]
+    md.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
+  with open(os.path.join(out, f"{name}.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+  print("\n".join(md))
+
+
+def _parse_set(items: list[str]) -> dict:
+  out = {}
+  for item in items:
+    key, _, text = item.partition("=")
+    try:
+      out[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[key] = text
+  return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+  argv = sys.argv[1:] if argv is None else argv
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("name", choices=sorted(ablations.ABLATIONS))
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--out", default="experiments/results")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override for every run, e.g. train.num_epochs=2 (repeatable)")
+  p.add_argument("--variants", nargs="*", help="only these variants")
+  args = p.parse_args(argv)
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  command = "python -m experiments.run " + " ".join(shlex.quote(a) for a in argv)
+  return run(args.name, args.seeds, args.out, _parse_set(args.set), args.variants, command)
+
+
+if __name__ == "__main__":
+  main()
