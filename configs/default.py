@@ -39,6 +39,7 @@ def get_data_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.task = "classify"             # classify | segment (lesion masks, see configs/unet_seg.py)
   c.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay float32)
   c.data = get_data_config()
 

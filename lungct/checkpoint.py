@@ -36,8 +36,10 @@ def _check_writable(path: str) -> None:
     raise CheckpointError(f"cannot write checkpoints to {path}: {e.strerror or e}") from e
 
 
-def managers(workdir: str, *, keep: int = 2) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
-  """Returns (latest, best) managers under ``workdir``; ``best`` keeps the single best by val AUC."""
+def managers(workdir: str, *, keep: int = 2, best_metric: str = BEST_METRIC
+             ) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+  """Returns (latest, best) managers under ``workdir``; ``best`` keeps the single best by ``best_metric``
+  (the key of the ``metrics`` dict passed to `save`; higher is better)."""
   latest_path = os.path.abspath(os.path.join(workdir, LATEST_DIR))
   best_path = os.path.abspath(os.path.join(workdir, BEST_DIR))
   for p in (latest_path, best_path):
@@ -49,7 +51,7 @@ def managers(workdir: str, *, keep: int = 2) -> tuple[ocp.CheckpointManager, ocp
   best = ocp.CheckpointManager(
       best_path,
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True, best_fn=lambda m: m[BEST_METRIC], best_mode="max"),
+          max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode="max"),
       item_names=("state", "meta"))
   return latest, best
 

@@ -30,7 +30,13 @@ def main(argv):
   if os.environ.get("LUNGCT_DISTRIBUTED"):  # multi-host: one process per host, coordinator from the environment
     jax.distributed.initialize()
   config, workdir = FLAGS.config, FLAGS.workdir
-  if FLAGS.mode == "train":
+  if FLAGS.mode in ("train", "eval") and config.get("task", "classify") == "segment":
+    from lungct import segment
+    if FLAGS.mode == "train":
+      segment.train_segmentation(config, workdir)
+    else:
+      segment.evaluate_segmentation(config, workdir, split=FLAGS.split, checkpoint_path=FLAGS.checkpoint)
+  elif FLAGS.mode == "train":
     from lungct import train
     train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == "eval":

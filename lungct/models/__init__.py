@@ -13,8 +13,9 @@ import ml_collections
 
 from lungct.models.cnn3d import CNN3D
 from lungct.models.resnet3d import ResNet3D
+from lungct.models.unet3d import UNet3D
 
-MODELS = {"cnn3d": CNN3D, "resnet3d": ResNet3D}
+MODELS = {"cnn3d": CNN3D, "resnet3d": ResNet3D, "unet3d": UNet3D}
 
 
 def create_model(model_cfg: ml_collections.ConfigDict, *, num_outputs: int,
@@ -37,4 +38,4 @@ def count_params(model: nnx.Module, *, include_batch_stats: bool = False) -> int
   return sum(int(leaf.size) for leaf in jax.tree.leaves(nnx.state(model, filt)))
 
 
-__all__ = ["MODELS", "CNN3D", "ResNet3D", "create_model", "count_params"]
+__all__ = ["MODELS", "CNN3D", "ResNet3D", "UNet3D", "create_model", "count_params"]
