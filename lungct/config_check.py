@@ -7,7 +7,7 @@ import ml_collections
 RESUMABLE_CHANGES = (
     "train.num_epochs", "train.num_steps", "train.log_every_steps", "train.eval_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.progress_bar",
-    "train.early_stopping_patience", "resume", "init_from", "data.num_threads", "data.prefetch",
+    "train.early_stopping_patience", "train.on_nan", "resume", "init_from", "data.num_threads", "data.prefetch",
     "data.data_dir", "mode", "eval", "predict", "cv", "report")
 
 _CHOICES = {
@@ -17,6 +17,7 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "train.optimizer": ("adam", "adamw", "sgd"),
     "train.schedule": ("exponential", "warmup_cosine", "constant"),
+    "train.on_nan": ("stop", "skip"),
 }
 
 

@@ -138,12 +138,25 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config:
   (loss, (logits, new_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, new_stats))
+  if config.train.get("on_nan", "stop") == "skip":
+    # Keep the old params / optimizer state / BN stats on a non-finite step (jnp.where rather than
+    # optax.apply_if_finite: it also guards the BN stats and keeps the opt_state layout of "stop").
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+    new_stats = keep(new_stats, state["batch_stats"])
   if logits.shape[-1] == 1:
     correct = (logits[:, 0] > 0).astype(jnp.int32) == labels
   else:
     correct = jnp.argmax(logits, -1) == labels
   new_state = {"step": state["step"] + 1, "params": params, "batch_stats": new_stats, "opt_state": opt_state}
-  return new_state, {"loss": loss, "accuracy": jnp.mean(correct), "grad_norm": optax.global_norm(grads)}
+  return new_state, {"loss": loss, "accuracy": jnp.mean(correct), "grad_norm": grad_norm,
+                     "nonfinite": 1 - finite.astype(jnp.int32)}
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def eval_step(graphdef: nnx.GraphDef, state: State, images: jax.Array) -> jax.Array:
@@ -271,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   ``sources`` (default: the dataset's train/validation/test splits) lets cross-validation pass its folds.
   """
   config_check.validate(config, num_devices=jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  checkpoint.check_writable(workdir)
   is_main = jax.process_index() == 0
   t_start = time.time()
 
@@ -292,9 +305,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   config_json = json.loads(config.to_json_best_effort())
   bookkeeping = {"best_auc": -1.0, "best_step": -1, "evals_without_improvement": 0}
   if config.resume:
-    restored = checkpoint.restore(latest, state)
+    restored = checkpoint.restore(latest, state, check_meta=lambda m: config_check.same_run(
+        m.get("config", {}), config_json, workdir))
     if restored is not None:
-      config_check.same_run(restored[1].get("config", {}), config_json, workdir)
       state, meta = restored
       bookkeeping.update(meta.get("bookkeeping", {}))
       print(f"Resumed from {workdir}/{checkpoint.LATEST_DIR} at step {int(state['step'])}.")
@@ -327,6 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   stop_reason = "finished"
 
   def save(step, val=None):
+    _check_finite(window, step, tc.get("on_nan", "stop"), workdir, last_good_step)
     meta = {"config": config_json, "bookkeeping": bookkeeping}
     checkpoint.save(latest, step, state, meta)
     if val is not None and math.isfinite(val.get("auc", float("nan"))):
@@ -341,13 +355,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
       step += 1
       window.append(m)
       progress.update(1)
+      will_save = step % ckpt_every == 0 or step == total_steps or step % eval_every == 0 or preempted.flag
+      if will_save or step % tc.log_every_steps == 0:  # never save (or log past) a non-finite step unnoticed
+        _check_finite(window, step, tc.get("on_nan", "stop"), workdir, last_good_step)
       if step % tc.log_every_steps == 0 or step == total_steps:
-        logged = {f"train/{k}": float(np.mean([float(w[k]) for w in window])) for k in window[0]}
-        if not math.isfinite(logged["train/loss"]):
-          raise FloatingPointError(
-              f"non-finite training loss ({logged['train/loss']}) between steps {step - len(window) + 1} and {step}; "
-              f"parameters were not saved. Last good checkpoint: "
-              f"{'none' if last_good_step is None else f'{workdir}/{checkpoint.LATEST_DIR}/{last_good_step}'}.")
+        logged = _window_metrics(window)
         dt = time.time() - t_log
         logged["train/volumes_per_s"] = len(window) * tc.batch_size / max(dt, 1e-9)
         logged["train/learning_rate"] = float(learning_rate_schedule(tc, total_steps)(step))
@@ -399,6 +411,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
           f"val AUC {summary['validation']['auc']:.3f}, test AUC {summary['test']['auc']:.3f}. "
           f"Wrote {workdir}/metrics.json")
   return summary
+
+
+def _check_finite(window: list[dict], step: int, on_nan: str, workdir: str, last_good_step: int | None) -> None:
+  """on_nan="stop": FloatingPointError naming the first non-finite step of ``window`` (the steps up to ``step``)."""
+  if on_nan != "stop":
+    return
+  for i, m in enumerate(window):
+    if int(m["nonfinite"]):
+      bad = step - len(window) + 1 + i
+      last = "none" if last_good_step is None else f"{workdir}/{checkpoint.LATEST_DIR}/{last_good_step}"
+      raise FloatingPointError(
+          f"non-finite loss, gradients or parameters at step {bad} (loss {float(m['loss'])}); stopped without "
+          f"saving them. Last good checkpoint: {last}. Lower config.train.learning_rate, check the data, or "
+          f"set config.train.on_nan=skip.")
+
+
+def _window_metrics(window: list[dict]) -> dict[str, float]:
+  """Means over the logging window's finite steps, plus the count of non-finite (skipped) steps."""
+  ok = [w for w in window if not int(w["nonfinite"])]
+  out = {f"train/{k}": float(np.mean([float(w[k]) for w in ok])) if ok else float("nan")
+         for k in window[0] if k != "nonfinite"}
+  out["train/skipped_steps"] = float(len(window) - len(ok))
+  return out
 
 
 def _progress(total: int, initial: int, enabled: bool):

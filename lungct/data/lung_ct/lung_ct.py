@@ -242,7 +242,7 @@ def _int_field(value: str, csv_path: str, row: int, column: str, low: int, high:
 def list_folder_items(manual_dir: str, labels_csv: str) -> list[Item]:
   """Reads and validates the labels CSV; ValueError naming the CSV row on any problem.
 
-  Columns (header required): filename, label (integer class >= 0), optional
+  Columns (header required): filename, label (0 normal / 1 abnormal), optional
   patient_id (default: the study id), grade (-1..4, default -1) and mask (a mask
   file). Paths are relative to `manual_dir` and must stay inside it.
   """
@@ -275,7 +275,7 @@ def list_folder_items(manual_dir: str, labels_csv: str) -> list[Item]:
       raise ValueError(f"{csv_path} row {row}: duplicate study id {study_id!r} "
                        f"(first at row {seen_ids[study_id]})")
     seen_ids[study_id] = row
-    label = _int_field(r["label"], csv_path, row, "label", 0, None)
+    label = _int_field(r["label"], csv_path, row, "label", 0, 1)
     grade = -1
     if r.get("grade", ""):
       grade = _int_field(r["grade"], csv_path, row, "grade", -1, MAX_GRADE)
