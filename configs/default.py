@@ -73,6 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.early_stopping_patience = 0  # evaluations without val AUC improvement; 0 = off
   c.train.progress_bar = True
+  c.train.on_nan = "stop"         # non-finite loss/gradients/params: stop (naming the step and the last good
+                                  # checkpoint) | skip (keep the state unchanged, count it as train/skipped_steps)
   c.eval = ml_collections.ConfigDict()
   c.eval.n_boot = 1000            # bootstrap resamples (by patient) for confidence intervals
   c.eval.sensitivity_targets = (0.9, 0.95)  # extra operating points: threshold reaching this sensitivity on validation

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -25,7 +26,8 @@ class CheckpointError(RuntimeError):
   """A checkpoint directory that cannot be written or read, said plainly."""
 
 
-def _check_writable(path: str) -> None:
+def check_writable(path: str) -> None:
+  """Creates ``path`` if needed and proves it writable; CheckpointError naming it otherwise."""
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, ".write_probe")
@@ -43,7 +45,7 @@ def managers(workdir: str, *, keep: int = 2, best_metric: str = BEST_METRIC
   latest_path = os.path.abspath(os.path.join(workdir, LATEST_DIR))
   best_path = os.path.abspath(os.path.join(workdir, BEST_DIR))
   for p in (latest_path, best_path):
-    _check_writable(p)
+    check_writable(p)
   latest = ocp.CheckpointManager(
       latest_path,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -71,14 +73,40 @@ def abstract(state: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> tuple[Any, dict] | None:
-  """Restores (state, meta) at ``step`` (default: latest) into the layout of ``like``; None if empty."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    return None
-  out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract(like)), meta=ocp.args.JsonRestore()))
-  return out["state"], dict(out["meta"])
+def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None,
+            check_meta: Callable[[dict], None] | None = None) -> tuple[Any, dict] | None:
+  """Restores (state, meta) at ``step`` into the layout of ``like``; None if there is no checkpoint.
+
+  Orbax only lists finished steps (a save killed midway leaves a ``*.orbax-checkpoint-tmp*`` folder that is
+  never read). Without ``step``, a latest step that still cannot be read (a truncated or corrupt file) is
+  reported on stderr and the next older step is tried. ``check_meta(meta)`` runs before the arrays are read
+  (e.g. to refuse a different experiment); its exceptions propagate.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+  errors = []
+  for s in steps:
+    try:
+      meta = dict(mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    except Exception as e:  # noqa: BLE001  (Orbax / TensorStore raise many types for bad files)
+      errors.append(_unreadable(mngr, s, e))
+      continue
+    if check_meta is not None:
+      check_meta(meta)
+    try:
+      state = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(like))))["state"]
+    except Exception as e:  # noqa: BLE001
+      errors.append(_unreadable(mngr, s, e))
+      continue
+    return state, meta
+  if errors:
+    raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
+  return None
+
+
+def _unreadable(mngr: ocp.CheckpointManager, step: int, e: Exception) -> str:
+  msg = f"{mngr.directory}/{step} is unreadable (truncated or corrupt?): {type(e).__name__}: {str(e)[:200]}"
+  print(f"checkpoint: {msg}; trying an older step if any.", file=sys.stderr)
+  return msg
 
 
 def read_meta(workdir: str) -> dict | None:
