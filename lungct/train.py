@@ -26,8 +26,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lungct import checkpoint, config_check, metrics
 from lungct import models
-from lungct.data import augment, pipeline
-from lungct.data import lung_ct
+from lungct.data import augment
+# The input pipeline (grain, tensorflow_datasets) is imported where data is read, so the model and the jitted
+# steps import with JAX/Flax/Optax/Orbax alone (e.g. for benchmarks on a bare accelerator machine).
 
 State = dict[str, Any]
 
@@ -187,6 +188,7 @@ def host_slice(global_batch: np.ndarray) -> np.ndarray:
 def predict_source(predict, state: State, mesh: Mesh, source, config) -> dict[str, np.ndarray]:
   """Probabilities for every example of a data source, exactly once (the padded final batch is masked out)."""
   out: dict[str, list] = {k: [] for k in ("prob", "label", "grade", "study_id", "patient_id")}
+  from lungct.data import pipeline
   for batch in pipeline.eval_batches(source, config.train.batch_size):
     probs = np.asarray(jax.device_get(predict(state, to_global(mesh, host_slice(batch["image"])))))
     valid = np.asarray(batch["valid"], bool)
@@ -274,6 +276,7 @@ class _Preempted:
 
 def data_sources(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """{"train", "validation", "test"} random-access sources of the (built on first use) TFDS dataset."""
+  from lungct.data import lung_ct
   builder = lung_ct.prepare(config.data)
   return {split: builder.as_data_source(split) for split in ("train", "validation", "test")}
 
@@ -283,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
 
   ``sources`` (default: the dataset's train/validation/test splits) lets cross-validation pass its folds.
   """
+  from lungct.data import pipeline
   config_check.validate(config, num_devices=jax.device_count())
   checkpoint.check_writable(workdir)
   is_main = jax.process_index() == 0
