@@ -52,6 +52,7 @@ class CNN3D(nnx.Module):
   def __init__(self, *, num_outputs: int, features: Sequence[int] = (64, 64, 128, 256),
                dense: int = 512, dropout: float = 0.3, in_channels: int = 1,
                padding: str = "VALID", remat: bool = False, bn_momentum: float = 0.99,
+               conv_impl: str = "xla",
                dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if padding not in ("VALID", "SAME"):
       raise ValueError(f"CNN3D padding must be 'VALID' or 'SAME', got {padding!r}")
@@ -70,6 +71,7 @@ class CNN3D(nnx.Module):
     self.dropout = nnx.Dropout(dropout)  # the key comes with each call
     self.head = nnx.Linear(dense, num_outputs, kernel_init=_KERNEL_INIT,
                            dtype=dtype, param_dtype=common.PARAM_DTYPE, rngs=rngs)
+    common.set_conv_impl(self, conv_impl)  # "xla" | "im2col": same parameters and outputs
 
   @classmethod
   def from_config(cls, model_cfg: ml_collections.ConfigDict, *, num_outputs: int,
@@ -79,7 +81,8 @@ class CNN3D(nnx.Module):
                in_channels=model_cfg.get("in_channels", 1),
                padding=model_cfg.get("padding", "VALID"),
                bn_momentum=model_cfg.get("bn_momentum", 0.99),
-               remat=model_cfg.get("remat", False), dtype=dtype, rngs=rngs)
+               remat=model_cfg.get("remat", False),
+               conv_impl=model_cfg.get("conv_impl", "xla"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool,
                dropout_key: jax.Array | None = None) -> jax.Array:

@@ -1,5 +1,6 @@
-"""Pieces shared by the 3D classifiers: activation checkpointing and defaults."""
+"""Pieces shared by the 3D classifiers: activation checkpointing, dtypes, the convolution formulation."""
 from collections.abc import Callable
+import itertools
 from typing import Any
 
 from flax import nnx
@@ -27,3 +28,68 @@ def apply_block(block: Callable[..., jax.Array], x: jax.Array, *, train: bool,
 def as_dtype(dtype: Any) -> jnp.dtype:
   """Accepts a dtype or its name ('float32', 'bfloat16')."""
   return jnp.dtype(dtype)
+
+
+# ----------------------------------------------------------------------------- convolution formulation
+
+CONV_IMPLS = ("xla", "im2col")
+
+
+def _channels_last(dimension_numbers: Any, lhs_shape, rhs_shape) -> bool:
+  """True if the convolution is (N, spatial..., C) x (spatial..., I, O) -> (N, spatial..., O)."""
+  nd = len(lhs_shape) - 2
+  dn = jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+  last = (0, nd + 1, *range(1, nd + 1))
+  return (tuple(dn.lhs_spec) == last and tuple(dn.out_spec) == last
+          and tuple(dn.rhs_spec) == (nd + 1, nd, *range(nd)))
+
+
+def im2col_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
+                                lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                                feature_group_count: int = 1, precision=None,
+                                preferred_element_type=None, **unused_kwargs) -> jax.Array:
+  """`lax.conv_general_dilated` as shifted slices concatenated on channels, then one matmul.
+
+  The patches matrix (N * out voxels, prod(kernel) * C_in) multiplies the kernel reshaped to
+  (prod(kernel) * C_in, C_out). Its gradients are matmuls plus slice/pad adds, which XLA:CPU
+  runs much faster than its own backward 3D convolutions (see benchmarks/README.md); it costs
+  the memory of the patches matrix. Channels-last, undilated, ungrouped convolutions only;
+  anything else falls back to `lax.conv_general_dilated`.
+  """
+  nd = lhs.ndim - 2
+  dilated = any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))
+  if dilated or feature_group_count != 1 or not _channels_last(dimension_numbers, lhs.shape, rhs.shape):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, precision=precision, preferred_element_type=preferred_element_type)
+  kernel, strides = rhs.shape[:nd], tuple(window_strides)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:-1], kernel, strides, padding)
+  x = jnp.pad(lhs, [(0, 0), *[tuple(p) for p in padding], (0, 0)])
+  out = [(x.shape[1 + i] - kernel[i]) // strides[i] + 1 for i in range(nd)]
+  cols = []
+  for offset in itertools.product(*(range(k) for k in kernel)):  # same order as rhs.reshape
+    start = (0, *offset, 0)
+    limit = (x.shape[0], *(o + s * (n - 1) + 1 for o, s, n in zip(offset, strides, out)), x.shape[-1])
+    cols.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
+  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  return jax.lax.dot_general(patches, rhs.reshape(-1, rhs.shape[-1]), (((nd + 1,), (0,)), ((), ())),
+                             precision=precision, preferred_element_type=preferred_element_type)
+
+
+def conv_fn(impl: str) -> Callable[..., jax.Array]:
+  """The `conv_general_dilated` of a formulation: 'xla' (XLA's convolution) or 'im2col'."""
+  if impl == "xla":
+    return jax.lax.conv_general_dilated
+  if impl == "im2col":
+    return im2col_conv_general_dilated
+  raise ValueError(f"config.model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+
+
+def set_conv_impl(model: nnx.Module, impl: str) -> nnx.Module:
+  """Makes every `nnx.Conv` inside `model` use the `impl` formulation (parameters are unchanged)."""
+  fn = conv_fn(impl)
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, nnx.Conv):
+      module.conv_general_dilated = fn
+  return model

@@ -108,7 +108,8 @@ class ResNet3D(nnx.Module):
   def __init__(self, *, num_outputs: int, depth: int = 18, width: int = 64,
                dropout: float = 0.0, in_channels: int = 1,
                stem_stride: int | Sequence[int] = (1, 2, 2), stem_pool: bool = True,
-               remat: bool = False, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               remat: bool = False, conv_impl: str = "xla", dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
     if depth not in STAGES:
       raise ValueError(f"ResNet3D depth must be one of {sorted(STAGES)}, got {depth}")
     dtype = common.as_dtype(dtype)
@@ -130,6 +131,7 @@ class ResNet3D(nnx.Module):
     self.dropout = nnx.Dropout(dropout)  # the key comes with each call
     self.head = nnx.Linear(in_f, num_outputs, dtype=dtype,
                            param_dtype=common.PARAM_DTYPE, rngs=rngs)
+    common.set_conv_impl(self, conv_impl)  # "xla" | "im2col": same parameters and outputs
 
   @classmethod
   def from_config(cls, model_cfg: ml_collections.ConfigDict, *, num_outputs: int,
@@ -138,7 +140,8 @@ class ResNet3D(nnx.Module):
                dropout=model_cfg.dropout, in_channels=model_cfg.get("in_channels", 1),
                stem_stride=tuple(model_cfg.get("stem_stride", (1, 2, 2))),
                stem_pool=model_cfg.get("stem_pool", True),
-               remat=model_cfg.get("remat", False), dtype=dtype, rngs=rngs)
+               remat=model_cfg.get("remat", False),
+               conv_impl=model_cfg.get("conv_impl", "xla"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool,
                dropout_key: jax.Array | None = None) -> jax.Array:

@@ -1,0 +1,348 @@
+"""Training-step throughput and MFU: lungct (jit of `lungct.train.train_step`) vs PyTorch.
+
+A full step is forward + backward + Adam update on a batch of (B, D, H, W, 1) volumes,
+augmentation off. FLOPs come from XLA's cost analysis of the compiled lungct step and
+the same count is used for both sides; the peak is a float32 matmul measured in the
+same run (numpy on CPU, jnp on an accelerator), so MFU = achieved / that peak.
+
+    python benchmarks/train_step.py                       # both models, both frameworks
+    python benchmarks/train_step.py --model cnn3d --steps 5 --json out.json
+    python benchmarks/train_step.py --dtype bfloat16 --side lungct
+
+PyTorch is optional: without it only the lungct side runs. Nothing here needs the
+input pipeline (tensorflow_datasets, grain), which may be absent on an accelerator host.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import types
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODELS = ("cnn3d", "resnet18")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def import_train():
+  """`lungct.train`, stubbing its input-pipeline modules when their dependencies are not installed.
+
+  The train step never touches `lungct.data.pipeline` / `lungct.data.lung_ct` (they import grain,
+  tensorflow_datasets and nibabel), so on a host without them empty placeholders are enough.
+  """
+  try:
+    from lungct import train
+    return train
+  except ModuleNotFoundError as e:
+    missing = (e.name or "").split(".")[0]
+    if missing not in ("grain", "tensorflow_datasets", "nibabel", "array_record", "tensorboardX"):
+      raise
+    print(f"[train_step] {missing} is not installed: stubbing lungct's input-pipeline modules", file=sys.stderr)
+  for name in ("lungct.data.pipeline", "lungct.data.lung_ct"):
+    sys.modules.setdefault(name, types.ModuleType(name))
+  from lungct import train
+  return train
+
+
+def have_torch() -> bool:
+  return importlib.util.find_spec("torch") is not None
+
+
+def peak_rss_mb() -> float:
+  """This process's peak resident set size in MiB (ru_maxrss is KiB on Linux)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_steps(step: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+  """Seconds per call of `step` (which must block until its work is done), after `warmup` calls."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def numpy_matmul_peak(n: int = 4096, reps: int = 5) -> float:
+  """Best float32 GFLOP/s of an n x n numpy matmul: the practical CPU peak."""
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+  a @ b
+  best = min(time_steps(lambda: a @ b, reps, 0))
+  return 2 * n ** 3 / best / 1e9
+
+
+def jax_matmul_peak(dtype: str, n: int = 8192, reps: int = 10) -> float:
+  """Best GFLOP/s of an n x n jnp matmul on the default device in `dtype`."""
+  import jax
+  import jax.numpy as jnp
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(k1, (n, n), jnp.dtype(dtype))
+  b = jax.random.normal(k2, (n, n), jnp.dtype(dtype))
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = min(time_steps(lambda: f(a, b).block_until_ready(), reps, 1))
+  return 2 * n ** 3 / best / 1e9
+
+
+def lungct_config(model: str, batch: int, shape: tuple[int, int, int], dtype: str, remat: bool,
+                  conv_impl: str | None = None):
+  """The default config set to the benchmark: the tutorial CNN or ResNet-18, Adam, augmentation off."""
+  from configs import default
+  config = default.get_config()
+  config.dtype = dtype
+  config.data.shape = tuple(shape)
+  config.data.augment.enabled = False
+  config.train.batch_size = batch
+  config.train.optimizer = "adam"
+  config.train.learning_rate = 1e-3
+  config.train.schedule = "constant"
+  if model == "cnn3d":
+    config.model.name = "cnn3d"
+    config.model.features = (64, 64, 128, 256)
+    config.model.dense = 512
+    config.model.dropout = 0.3
+  elif model == "resnet18":
+    config.model.name = "resnet3d"
+    config.model.depth = 18
+    config.model.width = 64
+    config.model.dropout = 0.0
+  else:
+    raise ValueError(f"unknown model {model!r}; known: {MODELS}")
+  config.model.remat = remat
+  if conv_impl:
+    config.model.conv_impl = conv_impl
+  return config
+
+
+def cost_flops(compiled) -> float:
+  """FLOPs of a compiled XLA executable (cost_analysis is a dict or, in older JAX, a list of dicts)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+def setup_lungct(model: str, batch: int, shape, dtype: str, remat: bool,
+                 conv_impl: str | None = None) -> tuple[Callable[[], None], dict[str, Any]]:
+  """lungct's train step jitted on a 1-device mesh and compiled: (one blocking step, info with the XLA FLOP count)."""
+  import jax
+  import jax.numpy as jnp
+  train = import_train()
+  config = lungct_config(model, batch, shape, dtype, remat, conv_impl)
+  graphdef, state, tx = train.create_state(config, total_steps=1000)
+  mesh = train.make_mesh(jax.devices()[:1])
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  step_fn, _ = train.compile_steps(graphdef, tx, config, mesh)
+  rng = np.random.default_rng(0)
+  images = train.to_global(mesh, rng.random((batch, *shape, 1), np.float32))
+  labels = train.to_global(mesh, (np.arange(batch) % 2).astype(np.int32))
+  key = jax.random.PRNGKey(0)
+  t = time.perf_counter()
+  compiled = step_fn.lower(state, images, labels, key).compile()
+  compile_s = time.perf_counter() - t
+  flops = cost_flops(compiled)
+  holder = {"state": state}
+
+  def one():
+    holder["state"], m = compiled(holder["state"], images, labels, key)
+    jax.block_until_ready(m["loss"])
+    holder["loss"] = float(m["loss"])
+
+  return one, {"framework": "lungct", "compile_s": compile_s, "flops_per_step": flops, "_holder": holder,
+               "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+               "jax": jax.__version__}
+
+
+def setup_torch(model: str, batch: int, shape, dtype: str) -> tuple[Callable[[], None], dict[str, Any]]:
+  """The PyTorch twin's step (forward, BCE-with-logits, backward, Adam with the same lr/eps) and info."""
+  import torch
+  import torch_models
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.manual_seed(0)
+  torch.backends.cudnn.benchmark = True
+  net = torch_models.create(model).to(device).train()
+  opt = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-8)
+  rng = np.random.default_rng(0)
+  x = torch.from_numpy(rng.random((batch, 1, *shape), np.float32)).to(device)  # NCDHW
+  y = torch.from_numpy((np.arange(batch) % 2).astype(np.float32)).to(device)
+  loss_fn = torch.nn.BCEWithLogitsLoss()
+  autocast = dtype == "bfloat16"
+  holder = {}
+
+  def one():
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+      logits = net(x)[:, 0]
+    loss = loss_fn(logits.float(), y)
+    loss.backward()
+    opt.step()
+    holder["loss"] = float(loss.detach())  # synchronises
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  return one, {"framework": "pytorch", "_holder": holder,
+               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, list[float]]:
+  """Step times of each function, calls alternating (A B A B ...) so a busy machine slows both alike."""
+  for _ in range(warmup):
+    for f in fns.values():
+      f()
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(steps):
+    for k, f in fns.items():
+      t = time.perf_counter()
+      f()
+      times[k].append(time.perf_counter() - t)
+  return times
+
+
+# ----------------------------------------------------------------------------- main
+
+def summarise(r: dict[str, Any], batch: int, flops: float, peak: float) -> dict[str, Any]:
+  med = statistics.median(r["step_times_s"])
+  r.update(median_step_s=med, volumes_per_s=batch / med, gflops_per_s=flops / med / 1e9,
+           mfu=flops / med / 1e9 / peak if peak else float("nan"))
+  return r
+
+
+def main(argv=None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", choices=(*MODELS, "all"), default="all")
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128), metavar=("D", "H", "W"))
+  p.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--remat", action="store_true", help="rematerialise block activations (lungct)")
+  p.add_argument("--conv-impl", default=None, help="lungct config.model.conv_impl (xla | im2col)")
+  p.add_argument("--side", choices=("both", "lungct", "pytorch"), default="both")
+  p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
+  p.add_argument("--no-flops", action="store_true",
+                 help="--side pytorch: skip the XLA FLOP count (keeps JAX out of the process, for memory.py)")
+  p.add_argument("--json", default="", help="write the results here")
+  args = p.parse_args(argv)
+
+  jax_free = args.side == "pytorch" and args.no_flops and args.no_peak
+  if jax_free:
+    backend = "cpu"
+  else:
+    import jax
+    backend = jax.default_backend()
+  models = MODELS if args.model == "all" else (args.model,)
+  sides = ("lungct", "pytorch") if args.side == "both" else (args.side,)
+  if "pytorch" in sides and not have_torch():
+    print("[train_step] torch is not installed: lungct side only", file=sys.stderr)
+    sides = tuple(s for s in sides if s != "pytorch")
+    if not sides:
+      sides = ("lungct",)
+  shape = tuple(args.shape)
+
+  peak = {}
+  if not args.no_peak:
+    peak["numpy_float32"] = numpy_matmul_peak() if backend == "cpu" else float("nan")
+    if backend != "cpu":
+      peak["jax_" + args.dtype] = jax_matmul_peak(args.dtype)
+  peak_used = peak.get("numpy_float32") if backend == "cpu" else peak.get("jax_" + args.dtype)
+  peak_used = peak_used or 0.0
+
+  out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+         "cpu": _cpu_name(), "backend": backend, "args": vars(args), "peak_gflops": peak, "results": {}}
+  for m in models:
+    fns, res = {}, {}
+    if "lungct" in sides:
+      fns["lungct"], res["lungct"] = setup_lungct(m, args.batch, shape, args.dtype, args.remat, args.conv_impl)
+      flops = res["lungct"]["flops_per_step"]
+    elif args.no_flops:
+      flops = float("nan")
+    else:  # the FLOP count still comes from XLA: compile without running
+      flops = _flops_only(m, args.batch, shape, args.dtype, args.remat)
+    if "pytorch" in sides:
+      sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+      fns["pytorch"], res["pytorch"] = setup_torch(m, args.batch, shape, args.dtype)
+    for side, times in time_interleaved(fns, args.steps, args.warmup).items():
+      r = res[side]
+      r["step_times_s"], r["flops_per_step"] = times, flops
+      r["final_loss"] = r.pop("_holder")["loss"]
+      summarise(r, args.batch, flops, peak_used)
+    if len(res) == 2:
+      res["ratio_lungct_over_pytorch"] = res["lungct"]["volumes_per_s"] / res["pytorch"]["volumes_per_s"]
+    out["results"][m] = res
+  out["peak_rss_mb"] = peak_rss_mb()
+  if backend == "cpu" and not args.no_peak:  # the machine may be shared: keep the best of before and after
+    peak["numpy_float32"] = max(peak["numpy_float32"], numpy_matmul_peak())
+    for res in out["results"].values():
+      for side in ("lungct", "pytorch"):
+        if side in res:
+          res[side]["mfu"] = res[side]["gflops_per_s"] / peak["numpy_float32"]
+    peak_used = peak["numpy_float32"]
+  print_table(out, peak_used)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=2)
+    print(f"wrote {args.json}")
+  return out
+
+
+def _flops_only(model, batch, shape, dtype, remat) -> float:
+  import jax
+  train = import_train()
+  config = lungct_config(model, batch, shape, dtype, remat)
+  graphdef, state, tx = train.create_state(config, total_steps=1000)
+  step_fn, _ = train.compile_steps(graphdef, tx, config, train.make_mesh(jax.devices()[:1]))
+  images = jax.ShapeDtypeStruct((batch, *shape, 1), np.float32)
+  labels = jax.ShapeDtypeStruct((batch,), np.int32)
+  return cost_flops(step_fn.lower(state, images, labels, jax.random.PRNGKey(0)).compile())
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def print_table(out: dict[str, Any], peak: float) -> None:
+  a = out["args"]
+  print(f"\nTrain step, batch {a['batch']}, input {tuple(a['shape'])}x1, {a['dtype']}, remat={a['remat']}, "
+        f"backend {out['backend']} ({out['cpu']})")
+  print("peak (matmul): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in out["peak_gflops"].items()))
+  print(f"{'model':<10} {'framework':<9} {'step s':>8} {'vol/s':>8} {'GFLOP/step':>11} {'GFLOP/s':>9} {'MFU':>7}")
+  for m, res in out["results"].items():
+    for side in ("lungct", "pytorch"):
+      if side in res:
+        r = res[side]
+        print(f"{m:<10} {side:<9} {r['median_step_s']:>8.3f} {r['volumes_per_s']:>8.3f} "
+              f"{r['flops_per_step'] / 1e9:>11.1f} "
+              f"{r['gflops_per_s']:>9.1f} {100 * r['mfu']:>6.1f}%")
+    if "ratio_lungct_over_pytorch" in res:
+      print(f"{m:<10} lungct/pytorch throughput ratio: {res['ratio_lungct_over_pytorch']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

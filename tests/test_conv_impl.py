@@ -1,0 +1,82 @@
+"""The im2col convolution formulation gives XLA's outputs and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lungct.models import common
+from lungct.models.cnn3d import CNN3D
+from lungct.models.resnet3d import ResNet3D
+
+DN = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def test_im2col_matches_hand_computed_value():
+  # 1-channel 3x3x3 input of ones and a kernel of 1..27: the single VALID output is sum(1..27) = 378.
+  x = jnp.ones((1, 3, 3, 3, 1))
+  w = jnp.arange(1.0, 28.0).reshape(3, 3, 3, 1, 1)
+  y = common.im2col_conv_general_dilated(x, w, (1, 1, 1), "VALID", dimension_numbers=DN)
+  assert y.shape == (1, 1, 1, 1, 1)
+  assert float(y[0, 0, 0, 0, 0]) == 378.0
+  # SAME padding: the corner output sees only the 8 kernel taps (i, j, k >= 1) -> their sum.
+  y = common.im2col_conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=DN)
+  corner = float(np.asarray(w)[1:, 1:, 1:].sum())
+  assert float(y[0, 0, 0, 0, 0]) == corner == 14 + 15 + 17 + 18 + 23 + 24 + 26 + 27
+
+
+@pytest.mark.parametrize("kernel,strides,padding,cin,cout", [
+    (3, (1, 1, 1), "VALID", 1, 4),
+    (3, (1, 1, 1), "SAME", 3, 5),
+    (3, (2, 2, 2), [(1, 1)] * 3, 4, 6),
+    (7, (1, 2, 2), [(3, 3)] * 3, 1, 4),
+    (1, (2, 2, 2), [(0, 0)] * 3, 4, 8),
+])
+def test_im2col_outputs_and_gradients_match_xla(kernel, strides, padding, cin, cout):
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (2, 7, 8, 9, cin))
+  w = jax.random.normal(kw, (kernel,) * 3 + (cin, cout)) * 0.1
+
+  def run(fn):
+    conv = lambda a, b: fn(a, b, strides, padding, dimension_numbers=DN)
+    y = jax.jit(conv)(x, w)
+    g = jax.random.normal(kg, y.shape)
+    grads = jax.jit(jax.grad(lambda a, b: jnp.sum(conv(a, b) * g), argnums=(0, 1)))(x, w)
+    return y, grads
+
+  y_ref, (gx_ref, gw_ref) = run(jax.lax.conv_general_dilated)
+  y, (gx, gw) = run(common.im2col_conv_general_dilated)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(gw, gw_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_impl_is_rejected():
+  with pytest.raises(ValueError, match="conv_impl"):
+    common.conv_fn("fft")
+
+
+@pytest.mark.parametrize("make", [
+    lambda impl: CNN3D(num_outputs=1, features=(4, 4, 8, 8), dense=8, dropout=0.0, padding="SAME",
+                       conv_impl=impl, rngs=nnx.Rngs(0)),
+    lambda impl: ResNet3D(num_outputs=3, depth=10, width=4, conv_impl=impl, rngs=nnx.Rngs(0)),
+])
+def test_models_same_outputs_and_gradients(make):
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 16, 1))
+
+  def loss_and_grads(impl):
+    graphdef, params, stats = nnx.split(make(impl), nnx.Param, nnx.BatchStat)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+    def loss(p):
+      # Running statistics: batch statistics of 2 volumes would amplify rounding differences.
+      return jnp.mean(nnx.merge(graphdef, p, stats)(x, train=False))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  loss_x, grads_x = loss_and_grads("xla")
+  loss_i, grads_i = loss_and_grads("im2col")
+  np.testing.assert_allclose(loss_i, loss_x, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_i), jax.tree.leaves(grads_x)):
+    # Summation order differs: 1e-4 relative to the array's scale.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))) + 1e-6)
