@@ -36,7 +36,8 @@ def _small_cnn(**kw) -> nnx.Module:
 
 
 def test_registry_names_and_unknown_name():
-  assert MODELS == {"cnn3d": CNN3D, "resnet3d": ResNet3D}
+  from lungct.models.unet3d import UNet3D
+  assert MODELS == {"cnn3d": CNN3D, "resnet3d": ResNet3D, "unet3d": UNet3D}
   with pytest.raises(ValueError, match="unet9d"):
     create_model(_cnn_cfg(name="unet9d"), num_outputs=1, rngs=nnx.Rngs(0))
 

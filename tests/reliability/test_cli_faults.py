@@ -28,7 +28,7 @@ def nan_run(data_dir, tmp_path_factory):
 def test_nan_loss_stops_naming_step_and_last_good_checkpoint(nan_run):
   w, r = nan_run
   assert r.returncode == 1
-  assert (f"FloatingPointError: non-finite loss, gradients or parameters at step 2 (loss nan); stopped without "
+  assert (f"error: non-finite loss, gradients or parameters at step 2 (loss nan); stopped without "
           f"saving them. Last good checkpoint: {w}/checkpoints/1.") in r.stderr
   assert sorted(os.listdir(w / "checkpoints")) == ["1"]
   step, leaves = _cli.params(w)
@@ -39,15 +39,16 @@ def test_workdir_of_another_config_is_refused(nan_run, data_dir, tmp_path):
   w, _ = nan_run
   r = _cli.run(w, data_dir, *SHORT)  # default learning rate: a different experiment
   assert r.returncode == 1
-  assert "ConfigError: " in r.stderr and "holds a run with a different config (train.learning_rate: 1e+30 -> 0.001)" in r.stderr
+  assert "error: " in r.stderr and "Traceback" not in r.stderr and "holds a run with a different config (train.learning_rate: 1e+30 -> 0.001)" in r.stderr
   r = _cli.run(w, data_dir, *SHORT, "--config.resume=false")
   assert r.returncode == 1
-  assert f"CheckpointError: {w} already holds checkpoints and config.resume=False: use a new --workdir." in r.stderr
+  assert f"error: {w} already holds checkpoints and config.resume=False: use a new --workdir." in r.stderr
   assert sorted(os.listdir(w / "checkpoints")) == ["1"]  # untouched
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--config.train.nope=1", "AttributeError: \"'nope'\""),  # ml_collections: no such key (lock_config)
+    ("--config.train.nope=1", "error: unknown config key config.train.nope in '--config.train.nope=1': "
+                              "config.train has no 'nope'. Known: batch_size,"),
     ("--config.train.batch_size=four", "flag --config.train.batch_size=four: invalid literal for int()"),
     ("--config.train.on_nan=ignore", "config.train.on_nan='ignore': must be one of ('stop', 'skip')"),
 ])
@@ -62,5 +63,5 @@ def test_unwritable_workdir_is_a_checkpoint_error(data_dir, tmp_path):
   (tmp_path / "file").write_text("x")
   r = _cli.run(tmp_path / "file" / "run", data_dir, *SHORT, timeout=60)
   assert r.returncode == 1
-  assert f"CheckpointError: cannot write checkpoints to {tmp_path}/file/run: Not a directory" in r.stderr
-  assert "orbax" not in r.stderr.split("Traceback")[-1].lower()
+  assert f"error: cannot write checkpoints to {tmp_path}/file/run: Not a directory" in r.stderr
+  assert "Traceback" not in r.stderr
