@@ -78,7 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
                                   # checkpoint) | skip (keep the state unchanged, count it as train/skipped_steps)
   c.eval = ml_collections.ConfigDict()
   c.eval.n_boot = 1000            # bootstrap resamples (by patient) for confidence intervals
-  c.eval.sensitivity_targets = (0.9, 0.95)  # extra operating points: threshold reaching this sensitivity on validation
+  c.eval.sensitivity_targets = (0.9, 0.95)
+  c.eval.gradcam_layer = "blocks.1"  # Grad-CAM layer for predict/report ("" = the last block with > 1 voxel)  # extra operating points: threshold reaching this sensitivity on validation
 
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""            # --mode=predict: a .nii/.nii.gz file or a folder of them

@@ -8,7 +8,10 @@ RESUMABLE_CHANGES = (
     "train.num_epochs", "train.num_steps", "train.log_every_steps", "train.eval_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.progress_bar",
     "train.early_stopping_patience", "train.on_nan", "resume", "init_from", "data.num_threads", "data.prefetch",
-    "data.data_dir", "mode", "eval", "predict", "cv", "report")
+    "data.data_dir", "mode", "eval", "predict", "cv", "report",
+    # Same numbers, different execution or evaluation-only settings:
+    "model.conv_impl", "model.remat", "seg.num_overlays", "seg.sw_batch_size", "seg.overlap", "seg.mode",
+    "seg.threshold", "seg.roi")
 
 _CHOICES = {
     "data.source": ("synthetic", "mosmeddata", "folder"),

@@ -65,7 +65,8 @@ def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_pa
     image = pre["image"][None, ..., None].astype(np.float32)
     batch = np.repeat(image, n, axis=0)  # one copy per device keeps the batch shardable
     prob = float(np.asarray(m.predict(m.state, train.to_global(m.mesh, train.host_slice(batch))))[0])
-    cam = np.asarray(interpret.grad_cam(m.graphdef, m.state["params"], m.state["batch_stats"], image))[0]
+    cam = np.asarray(interpret.grad_cam(m.graphdef, m.state["params"], m.state["batch_stats"], image,
+                                   layer=config.eval.gradcam_layer or None))[0]
     decision = "abnormal" if prob >= threshold else "normal"
     name = os.path.basename(path).replace(".nii.gz", "").replace(".nii", "")
     png = os.path.join(out_dir, f"{name}_gradcam.png")

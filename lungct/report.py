@@ -54,11 +54,16 @@ def per_100(op_metrics: dict) -> str:
           f"</b> (specificity {spec:.2f}).")
 
 
+CURVE_KEYS = ("train/loss", "val/loss", "train/accuracy", "val/accuracy", "val/auc", "val/sensitivity",
+              "val/specificity", "train/learning_rate")
+
+
 def make_figures(config, workdir: str, ev: dict, test_pred: dict, out_dir: str) -> dict[str, str]:
   figs = {}
   jsonl = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(jsonl):
-    figs["Training curves"] = viz.save(viz.training_curves(viz.load_history(jsonl)),
+    history = [{k: v for k, v in rec.items() if k == "step" or k in CURVE_KEYS} for rec in viz.load_history(jsonl)]
+    figs["Training curves"] = viz.save(viz.training_curves([h for h in history if len(h) > 1]),
                                        os.path.join(out_dir, "training_curves.png"))
   ops = ev["operating_points"]
   y, p = test_pred["label"], test_pred["prob"]
@@ -97,7 +102,8 @@ def gradcam_figures(config, m, source, test_pred: dict, threshold: float, out_di
       sid = test_pred["study_id"][j]
       ex = source[index_of[sid]]
       image = np.asarray(ex["image"], np.float32)[None]
-      cam = np.asarray(interpret.grad_cam(m.graphdef, m.state["params"], m.state["batch_stats"], image))[0]
+      cam = np.asarray(interpret.grad_cam(m.graphdef, m.state["params"], m.state["batch_stats"], image,
+                                   layer=config.eval.gradcam_layer or None))[0]
       mask = np.asarray(ex["mask"])[..., 0] if "mask" in ex and np.any(ex["mask"]) else None
       title = f"{names.get(category, category)}: {sid}, P(abnormal)={test_pred['prob'][j]:.2f}, label {test_pred['label'][j]}"
       figs[f"{names.get(category, category)} ({sid})"] = viz.save(
