@@ -344,15 +344,9 @@ def mask_comparison(volume: np.ndarray, true_mask: np.ndarray, pred_mask: np.nda
   return fig
 
 
-def dice(true_mask: np.ndarray, pred_mask: np.ndarray) -> float:
-  """Dice coefficient 2|A&B| / (|A| + |B|); 1.0 when both are empty."""
-  t, p = np.asarray(true_mask) > 0, np.asarray(pred_mask) > 0
-  denom = int(t.sum()) + int(p.sum())
-  return 1.0 if denom == 0 else 2.0 * int((t & p).sum()) / denom
-
-
 def _dice_str(t: np.ndarray, p: np.ndarray) -> str:
-  return "n/a" if not (t.any() or p.any()) else f"{dice(t, p):.2f}"
+  from lungct import metrics
+  return "n/a" if not (t.any() or p.any()) else f"{metrics.dice(p > 0, t > 0):.2f}"
 
 
 def _intensity_label(win: Window) -> str:
