@@ -166,18 +166,6 @@ def random_patches(images: np.ndarray, masks: np.ndarray, patch: tuple[int, int,
 
 # ----------------------------------------------------------------------------- state and steps
 
-def create_state(config: ml_collections.ConfigDict, total_steps: int
-                 ) -> tuple[nnx.GraphDef, State, optax.GradientTransformation]:
-  """A one-output (lesion logit per voxel) model with train.py's optimizer; (graphdef, state, tx)."""
-  model = models.create_model(config.model, num_outputs=1, dtype=jnp.dtype(config.dtype),
-                              rngs=nnx.Rngs(params=config.seed))
-  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
-  tx = train.make_optimizer(config.train, total_steps)
-  return graphdef, {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-                    "opt_state": tx.init(params)}, tx
-
-
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                state: State, images: jax.Array, masks: jax.Array, key: jax.Array) -> tuple[State, dict]:
   """One optimisation step on a batch of patches; images and masks get the same random geometry."""
@@ -299,7 +287,7 @@ def train_segmentation(config: ml_collections.ConfigDict, workdir: str, sources:
   total_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * spe
   eval_every = tc.eval_every_steps or spe
 
-  graphdef, state, tx = create_state(config, total_steps)
+  graphdef, state, tx = train.create_state(config, total_steps)
   mesh = train.make_mesh()
   state = jax.device_put(state, NamedSharding(mesh, P()))
   step_fn, predict = compile_steps(graphdef, tx, config, mesh)
@@ -370,7 +358,7 @@ def evaluate_segmentation(config: ml_collections.ConfigDict, workdir: str, split
                           checkpoint_path: str = "") -> dict:
   """Restores the best (or given) checkpoint; writes eval_<split>.json and mask overlays to seg_overlays/."""
   _check(config)
-  graphdef, state, tx = create_state(config, total_steps=1)
+  graphdef, state, tx = train.create_state(config, total_steps=1)
   mesh = train.make_mesh()
   state = jax.device_put(state, NamedSharding(mesh, P()))
   directory, step = checkpoint.find_checkpoint(checkpoint_path or workdir)

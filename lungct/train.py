@@ -42,7 +42,10 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def num_outputs(config: ml_collections.ConfigDict) -> int:
-  return 1 if config.data.label == "binary" else int(config.data.num_classes)
+  """1 logit for binary classification and for lesion segmentation (per voxel), else one per class."""
+  if config.get("task", "classify") == "segment" or config.data.label == "binary":
+    return 1
+  return int(config.data.num_classes)
 
 
 def label_key(config: ml_collections.ConfigDict) -> str:
