@@ -203,7 +203,7 @@ def blob_volumes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def train_blob_model(steps: int, n_test: int):
   """The tiny tutorial CNN trained with lungct.train pieces; returns (graphdef, params, stats, test set)."""
   config = tiny_config("/nonexistent", **{"data.augment.enabled": False, "model.dropout": 0.0,
-                                          "train.learning_rate": 3e-3})
+                                          "train.learning_rate": 3e-3, "model.conv_impl": "xla"})
   x_train, y_train, _ = blob_volumes(64, seed=0)
   graphdef, state, tx = train.create_state(config, steps)
   step = jax.jit(lambda s, x, y, k: train.train_step(graphdef, tx, config, s, x, y, k))

@@ -4,15 +4,18 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
+    import sys
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from lungct import train
     from tests.helpers import tiny_config
     assert jax.device_count() == 8, jax.devices()
-    c = tiny_config("/nonexistent", **{"train.batch_size": 8})
+    c = tiny_config("/nonexistent", **{"train.batch_size": 8, "model.conv_impl": sys.argv[1]})
     c.model.dropout = 0.3          # dropout and augmentation on: their randomness must not depend on sharding
     # SGD: the update is linear in the gradient, so parameters compare at float tolerance. (Adam's first step is
     # lr * g / (|g| + eps): for gradients ~1e-9 the sign is float noise, which says nothing about parallelism.)
@@ -21,10 +24,11 @@ SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     images = rng.random((8, *c.data.shape, 1), dtype=np.float32)
     labels = np.array([0, 1] * 4, np.int32)
-    results = []
+    results, init = [], None
     for n in (1, 8):
       mesh = train.make_mesh(jax.devices()[:n])
       graphdef, state, tx = train.create_state(c, 10)
+      init = jax.tree.map(np.asarray, state["params"])
       state = jax.device_put(state, NamedSharding(mesh, P()))
       step, _ = train.compile_steps(graphdef, tx, c, mesh)
       x = train.to_global(mesh, images)
@@ -35,8 +39,12 @@ SCRIPT = textwrap.dedent("""
     print("loss", l1, l8, "grad norm", g1, g8)
     np.testing.assert_allclose(l1, l8, rtol=1e-5)
     np.testing.assert_allclose(g1, g8, rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"])):
-      np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
+    # Parameters after one SGD step: the 8-device result differs from the 1-device one only by float32
+    # summation order, far below the update itself (measured max ratio: 2e-5 with xla, 5e-4 with im2col).
+    for a, b, p0 in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"]), jax.tree.leaves(init)):
+      update = np.abs(a - p0).max()
+      print("max |p1 - p8| / max |update|", np.abs(a - b).max() / update)
+      assert np.abs(a - b).max() <= 2e-3 * update + 1e-7
     for a, b in zip(jax.tree.leaves(s1["batch_stats"]), jax.tree.leaves(s8["batch_stats"])):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
     changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(train.create_state(c, 10)[1]["params"]))]
@@ -45,10 +53,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_eight_devices_match_one():
+@pytest.mark.parametrize("conv_impl", ["xla", "im2col"])
+def test_eight_devices_match_one(conv_impl):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-c", SCRIPT, conv_impl], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
   assert "OK" in out.stdout
