@@ -27,14 +27,20 @@ class Loaded(NamedTuple):
   step: int
 
 
-def load_model(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "") -> Loaded:
-  """The model restored from ``checkpoint_path`` or the workdir's best checkpoint, ready to predict."""
+def restore_state(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = ""):
+  """(graphdef, state, tx, mesh, checkpoint dir, step): ``checkpoint_path`` or the workdir's best, replicated."""
   graphdef, state, tx = train.create_state(config, total_steps=1)
   mesh = train.make_mesh()
   state = jax.device_put(state, NamedSharding(mesh, P()))
   directory, step = checkpoint.find_checkpoint(checkpoint_path or workdir)
   mngr = checkpoint.ocp.CheckpointManager(directory, item_names=("state", "meta"))
   state, _ = checkpoint.restore(mngr, state, step)
+  return graphdef, state, tx, mesh, directory, step
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "") -> Loaded:
+  """The model restored from ``checkpoint_path`` or the workdir's best checkpoint, ready to predict."""
+  graphdef, state, tx, mesh, _, step = restore_state(config, workdir, checkpoint_path)
   _, predict = train.compile_steps(graphdef, tx, config, mesh)
   return Loaded(graphdef, state, predict, mesh, step)
 

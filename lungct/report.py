@@ -12,7 +12,6 @@ import html
 import json
 import os
 
-import jax
 import ml_collections
 import numpy as np
 

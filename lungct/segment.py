@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lungct import checkpoint, config_check, metrics, models, train
+from lungct import checkpoint, config_check, metrics, train
 from lungct.data import augment, pipeline
 
 State = dict[str, Any]
@@ -358,12 +358,8 @@ def evaluate_segmentation(config: ml_collections.ConfigDict, workdir: str, split
                           checkpoint_path: str = "") -> dict:
   """Restores the best (or given) checkpoint; writes eval_<split>.json and mask overlays to seg_overlays/."""
   _check(config)
-  graphdef, state, tx = train.create_state(config, total_steps=1)
-  mesh = train.make_mesh()
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  directory, step = checkpoint.find_checkpoint(checkpoint_path or workdir)
-  mngr = checkpoint.ocp.CheckpointManager(directory, item_names=("state", "meta"))
-  state, _ = checkpoint.restore(mngr, state, step)
+  from lungct import evaluate
+  graphdef, state, tx, mesh, directory, step = evaluate.restore_state(config, workdir, checkpoint_path)
   _, predict = compile_steps(graphdef, tx, config, mesh)
   source = train.data_sources(config)[split]
   cases, kept = segment_source(predict, state, source, config, keep=config.seg.num_overlays)
