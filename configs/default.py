@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every_steps = 0    # 0 = once per epoch
   c.train.checkpoint_every_steps = 0  # 0 = at every evaluation
   c.train.keep_checkpoints = 2
+  c.train.precise_bn_batches = 8  # before each evaluation, BN running stats <- mean over this many train batches; 0 = off
   c.train.early_stopping_patience = 0  # evaluations without val AUC improvement; 0 = off
   c.train.progress_bar = True
   c.train.on_nan = "stop"         # non-finite loss/gradients/params: stop (naming the step and the last good

@@ -23,6 +23,7 @@ def get_config():
   c.model.dense = 512
   c.model.dropout = 0.3
   c.model.bn_momentum = 0.99              # Keras default
+  c.train.precise_bn_batches = 0          # the tutorial evaluates with Keras' moving averages
   c.train.batch_size = 2
   c.train.num_epochs = 100
   c.train.optimizer = "adam"

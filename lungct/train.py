@@ -163,6 +163,32 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def recalibrate_bn_step(graphdef: nnx.GraphDef, state: State, images: jax.Array, k: jax.Array) -> State:
+  """Precise BN: after the k-th batch (k = 1, 2, ...), running stats = the mean of the k batches' statistics.
+
+  Training updates running statistics with a slow moving average that lags the weights; evaluating with them
+  mis-calibrates the outputs. Setting every BatchNorm's momentum to 1 - 1/k makes the running update an exact
+  cumulative mean over a few training batches seen with the current weights (no dropout, no augmentation).
+  """
+  model = nnx.merge(graphdef, state["params"], state["batch_stats"])
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.BatchNorm):
+      module.momentum = 1.0 - 1.0 / k
+  model(images, train=True)
+  return {**state, "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}
+
+
+def recalibrate_bn(recal, state: State, mesh: Mesh, source, config) -> State:
+  """Runs `recalibrate_bn_step` over the first config.train.precise_bn_batches batches of ``source`` (in order)."""
+  from lungct.data import pipeline
+  n = config.train.get("precise_bn_batches", 0)
+  for k, batch in enumerate(pipeline.eval_batches(source, config.train.batch_size), start=1):
+    if k > n:
+      break
+    state = recal(state, to_global(mesh, host_slice(batch["image"])), jnp.float32(k))
+  return state
+
+
 def eval_step(graphdef: nnx.GraphDef, state: State, images: jax.Array) -> jax.Array:
   model = nnx.merge(graphdef, state["params"], state["batch_stats"])
   return probabilities(model(images, train=False))
@@ -175,6 +201,12 @@ def compile_steps(graphdef, tx, config, mesh: Mesh):
                  in_shardings=(repl, split, split, repl), out_shardings=(repl, repl), donate_argnums=0)
   predict = jax.jit(lambda s, x: eval_step(graphdef, s, x), in_shardings=(repl, split), out_shardings=repl)
   return step, predict
+
+
+def compile_recalibration(graphdef, mesh: Mesh):
+  repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(lambda s, x, k: recalibrate_bn_step(graphdef, s, x, k),
+                 in_shardings=(repl, split, repl), out_shardings=repl, donate_argnums=0)
 
 
 def to_global(mesh: Mesh, local: np.ndarray) -> jax.Array:
@@ -307,6 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   mesh = make_mesh()
   state = jax.device_put(state, NamedSharding(mesh, P()))
   step_fn, predict = compile_steps(graphdef, tx, config, mesh)
+  recal = compile_recalibration(graphdef, mesh)
 
   latest, best = checkpoint.managers(workdir, keep=tc.keep_checkpoints)
   config_json = json.loads(config.to_json_best_effort())
@@ -375,6 +408,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
         window, t_log = [], time.time()
       val = None
       if step % eval_every == 0 or step == total_steps:
+        if tc.get("precise_bn_batches", 0):
+          state = recalibrate_bn(recal, state, mesh, train_src, config)
         val = evaluate_predictions(predict_source(predict, state, mesh, val_src, config), config)
         writer.write(step, {f"val/{k}": v for k, v in val.items()})
         improved = val["auc"] > bookkeeping["best_auc"]

@@ -107,3 +107,22 @@ def _names(tree):
 
 def _first_block(tree):
   return sorted(tree)[0]
+
+
+def test_precise_bn_running_stats_are_the_mean_of_batch_stats():
+  c = tiny_config("/nonexistent")
+  graphdef, state, _ = train.create_state(c, 1)
+  mesh = train.make_mesh(jax.devices()[:1])
+  recal = train.compile_recalibration(graphdef, mesh)
+  rng = np.random.default_rng(0)
+  a, b = (rng.random((4, *c.data.shape, 1), dtype=np.float32) for _ in range(2))
+  copy = lambda s: jax.tree.map(lambda x: np.array(x), s)
+  only_a = recal(copy(state), a, np.float32(1))["batch_stats"]
+  only_b = recal(copy(state), b, np.float32(1))["batch_stats"]
+  both = recal(recal(copy(state), a, np.float32(1)), b, np.float32(2))["batch_stats"]
+  for x, y, z in zip(jax.tree.leaves(only_a), jax.tree.leaves(only_b), jax.tree.leaves(both)):
+    np.testing.assert_allclose(z, (np.asarray(x) + np.asarray(y)) / 2, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(jax.tree.leaves(only_a)[0], jax.tree.leaves(only_b)[0])
+  # The initial running stats (mean 0, var 1) play no part: k = 1 replaces them.
+  init = jax.tree.leaves(state["batch_stats"])
+  assert not np.allclose(jax.tree.leaves(only_a)[0], init[0])
