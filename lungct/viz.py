@@ -170,6 +170,22 @@ def _clean(ax) -> None:
 # ----------------------------------------------------------------------------- volumes
 
 
+def _slice_grid(shape: Sequence[int], idx: np.ndarray, cols: int, *, panel: float):
+  """A grid of axial panels, one per slice index: (figure, axes array, [(ax, z), ...]); spare panels hidden."""
+  rows, cols = _grid(len(idx), cols)
+  aspect_hw = shape[1] / shape[2]
+  fig = _new_figure((panel * cols + 0.8, panel * rows * aspect_hw + 0.6))
+  axes = fig.subplots(rows, cols, squeeze=False)
+  panels = []
+  for k, ax in enumerate(axes.flat):
+    _clean(ax)
+    if k >= len(idx):
+      ax.set_axis_off()
+    else:
+      panels.append((ax, int(idx[k])))
+  return fig, axes, panels
+
+
 def montage(volume: np.ndarray, *, num_slices: int = 16, cols: int = 4,
             window: Window | None = None, vmin: float | None = None, vmax: float | None = None,
             title: str | None = None, mask: np.ndarray | None = None) -> Figure:
@@ -181,17 +197,9 @@ def montage(volume: np.ndarray, *, num_slices: int = 16, cols: int = 4,
   mask = _check_same_shape(volume, mask, "mask")
   win = resolve_window(volume, window, vmin, vmax)
   idx = slice_indices(volume.shape[0], num_slices)
-  rows, cols = _grid(len(idx), cols)
-  aspect_hw = volume.shape[1] / volume.shape[2]
-  fig = _new_figure((2.4 * cols + 0.8, 2.4 * rows * aspect_hw + 0.6))
-  axes = fig.subplots(rows, cols, squeeze=False)
+  fig, axes, panels = _slice_grid(volume.shape, idx, cols, panel=2.4)
   im = None
-  for k, ax in enumerate(axes.flat):
-    _clean(ax)
-    if k >= len(idx):
-      ax.set_axis_off()
-      continue
-    z = int(idx[k])
+  for ax, z in panels:
     im = _show(ax, volume[z], win)
     if mask is not None:
       _draw_mask(ax, mask[z])
@@ -286,17 +294,9 @@ def overlay_slices(volume: np.ndarray, heatmap: np.ndarray, *, num_slices: int =
   win = resolve_window(volume, window)
   hlo, hhi = _heat_range(heatmap)
   idx = top_slices(heatmap, num_slices)
-  rows, cols = _grid(len(idx), cols)
-  aspect_hw = volume.shape[1] / volume.shape[2]
-  fig = _new_figure((3.0 * cols + 0.8, 3.0 * rows * aspect_hw + 0.6))
-  axes = fig.subplots(rows, cols, squeeze=False)
+  fig, axes, panels = _slice_grid(volume.shape, idx, cols, panel=3.0)
   hm = None
-  for k, ax in enumerate(axes.flat):
-    _clean(ax)
-    if k >= len(idx):
-      ax.set_axis_off()
-      continue
-    z = int(idx[k])
+  for ax, z in panels:
     _show(ax, volume[z], win)
     hm = _heat_layer(ax, heatmap[z], (hlo, hhi), alpha)
     if mask is not None:
