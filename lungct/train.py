@@ -379,8 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   window: list[dict] = []
   stop_reason = "finished"
 
-  def save(step, val=None):
-    _check_finite(window, step, tc.get("on_nan", "stop"), workdir, last_good_step)
+  def save(step, val=None):  # only reached after the loop's _check_finite for this step
     meta = {"config": config_json, "bookkeeping": bookkeeping}
     checkpoint.save(latest, step, state, meta)
     if val is not None and math.isfinite(val.get("auc", float("nan"))):
