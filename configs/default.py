@@ -5,6 +5,8 @@
 """
 import ml_collections
 
+from lungct import models
+
 
 def get_data_config() -> ml_collections.ConfigDict:
   """Dataset and preprocessing. Everything that changes the built dataset lives here."""
@@ -23,36 +25,36 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.on_bad_scan = "skip"          # skip | fail
   d.label = "binary"              # binary (normal vs abnormal) | grade (severity CT-0..CT-4)
   d.num_classes = 5               # label=grade: number of severity grades
-  # Loader
-  d.num_threads = 2
-  d.prefetch = 4
-  # On-device 3D augmentation (training only)
-  d.augment = ml_collections.ConfigDict()
-  d.augment.enabled = True
-  d.augment.max_rotate_deg = 10.0   # rotation in the axial plane
-  d.augment.flip_lr = True
-  d.augment.intensity_shift = 0.05
-  d.augment.intensity_scale = 0.05
   return d
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.task = "classify"             # classify | segment (lesion masks, see configs/unet_seg.py)
+  c.task = "classify"             # classify | segment (lesion masks, see configs/unet_seg.py): lungct/tasks/
   c.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay float32)
   c.data = get_data_config()
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "cnn3d"          # cnn3d | resnet3d
-  c.model.features = (16, 16, 32, 64)  # the tutorial uses (64, 64, 128, 256); smaller for CPU
-  c.model.dense = 128             # tutorial: 512
-  c.model.dropout = 0.3
-  c.model.bn_momentum = 0.9       # running-stat momentum; Keras' 0.99 needs far more steps than a CPU demo runs
-  c.model.depth = 18              # resnet3d: 10 | 18 | 34
-  c.model.width = 64              # resnet3d: channels of the first stage
-  c.model.conv_impl = "im2col"    # xla | im2col: im2col trains ~1.4x faster on CPU (benchmarks/README.md)
-  c.model.remat = False           # rematerialise activations in the backward pass
+  c.loader = ml_collections.ConfigDict()
+  c.loader.num_threads = 2        # grain reader threads
+  c.loader.prefetch = 4           # batches read ahead
+
+  c.augment = ml_collections.ConfigDict()  # on-device 3D augmentation, inside the jitted train step
+  c.augment.enabled = True
+  c.augment.max_rotate_deg = 10.0   # rotation in the axial plane
+  c.augment.flip_lr = True
+  c.augment.intensity_shift = 0.05
+  c.augment.intensity_scale = 0.05
+
+  # The model: its name plus every constructor option (defaults come from the constructor, lungct/models/).
+  # The tutorial CNN is (64, 64, 128, 256) filters with dense 512; narrower here for CPU. BN momentum 0.9:
+  # Keras' 0.99 needs far more steps than a CPU demo runs. im2col trains ~1.4x faster on CPU.
+  c.model = models.model_config("cnn3d", features=(16, 16, 32, 64), dense=128, dropout=0.3, bn_momentum=0.9,
+                                conv_impl="im2col")
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.space = 1                # devices that split each volume's depth (spatial partitioning); the rest split
+                                  # the batch
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 8          # global batch, split over all devices
@@ -73,14 +75,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 0  # 0 = at every evaluation
   c.train.keep_checkpoints = 2
   c.train.precise_bn_batches = 8  # before each evaluation, BN running stats <- mean over this many train batches; 0 = off
-  c.train.early_stopping_patience = 0  # evaluations without val AUC improvement; 0 = off
+  c.train.early_stopping_patience = 0  # evaluations without improvement of the task's metric; 0 = off
   c.train.progress_bar = True
   c.train.on_nan = "stop"         # non-finite loss/gradients/params: stop (naming the step and the last good
                                   # checkpoint) | skip (keep the state unchanged, count it as train/skipped_steps)
   c.eval = ml_collections.ConfigDict()
   c.eval.n_boot = 1000            # bootstrap resamples (by patient) for confidence intervals
-  c.eval.sensitivity_targets = (0.9, 0.95)
-  c.eval.gradcam_layer = "blocks.1"  # Grad-CAM layer for predict/report ("" = the last block with > 1 voxel)  # extra operating points: threshold reaching this sensitivity on validation
+  c.eval.sensitivity_targets = (0.9, 0.95)  # extra operating points: threshold reaching this sensitivity on validation
+  c.eval.gradcam_layer = "blocks.1"  # Grad-CAM layer for predict/report ("" = the last block with > 1 voxel)
 
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""            # --mode=predict: a .nii/.nii.gz file or a folder of them

@@ -146,3 +146,15 @@ def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
     batch = collate([source[int(i)] for i in idx])
     batch["valid"] = valid
     yield batch
+
+
+def decode(example: Mapping[str, Any]) -> dict[str, Any]:
+  """One stored example -> typed numpy (ids as str) plus `voxel_spacing`: mm of one model-facing voxel (z, y, x)."""
+  out = {k: _to_text(v) if k in ("study_id", "patient_id") else np.asarray(v).astype(_DTYPES.get(k), copy=False)
+         for k, v in example.items()}
+  if "spacing" in out and "orig_shape" in out:
+    extent = out["spacing"].astype(np.float64) * out["orig_shape"]
+    out["voxel_spacing"] = (extent / np.asarray(out["image"].shape[:3])).astype(np.float32)
+  else:
+    out["voxel_spacing"] = np.ones(3, np.float32)
+  return out

@@ -149,3 +149,8 @@ def preprocess_scan(scan: nifti.Scan, data_cfg: Any) -> dict[str, np.ndarray]:
   return dict(image=preprocess_volume(vol, spacing, data_cfg),
               spacing=spacing,
               orig_shape=np.asarray(vol.shape, dtype=np.int32))
+
+
+def model_input(scan: nifti.Scan, data_cfg: Any) -> np.ndarray:
+  """float32 (D, H, W): exactly what the stored training example holds for ``scan`` (rounded through float16)."""
+  return preprocess_scan(scan, data_cfg)["image"].astype(np.float16).astype(np.float32)

@@ -13,7 +13,6 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from lungct.models import common
 
@@ -108,8 +107,8 @@ class ResNet3D(nnx.Module):
   def __init__(self, *, num_outputs: int, depth: int = 18, width: int = 64,
                dropout: float = 0.0, in_channels: int = 1,
                stem_stride: int | Sequence[int] = (1, 2, 2), stem_pool: bool = True,
-               remat: bool = False, conv_impl: str = "xla", dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
+               bn_momentum: float = 0.9, remat: bool = False, conv_impl: str = "xla",
+               dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if depth not in STAGES:
       raise ValueError(f"ResNet3D depth must be one of {sorted(STAGES)}, got {depth}")
     dtype = common.as_dtype(dtype)
@@ -132,16 +131,7 @@ class ResNet3D(nnx.Module):
     self.head = nnx.Linear(in_f, num_outputs, dtype=dtype,
                            param_dtype=common.PARAM_DTYPE, rngs=rngs)
     common.set_conv_impl(self, conv_impl)  # "xla" | "im2col": same parameters and outputs
-
-  @classmethod
-  def from_config(cls, model_cfg: ml_collections.ConfigDict, *, num_outputs: int,
-                  dtype: Any, rngs: nnx.Rngs) -> "ResNet3D":
-    return cls(num_outputs=num_outputs, depth=model_cfg.depth, width=model_cfg.width,
-               dropout=model_cfg.dropout, in_channels=model_cfg.get("in_channels", 1),
-               stem_stride=tuple(model_cfg.get("stem_stride", (1, 2, 2))),
-               stem_pool=model_cfg.get("stem_pool", True),
-               remat=model_cfg.get("remat", False),
-               conv_impl=model_cfg.get("conv_impl", "xla"), dtype=dtype, rngs=rngs)
+    common.set_bn_momentum(self, bn_momentum)
 
   def __call__(self, x: jax.Array, *, train: bool,
                dropout_key: jax.Array | None = None) -> jax.Array:

@@ -13,11 +13,12 @@ from lungct.data.lung_ct.lung_ct import (
     list_mosmeddata_items,
     prepare,
     read_build_report,
+    split_index,
     split_patients,
 )
 
 __all__ = [
     "REPORT_FILE", "SOURCES", "SPLITS", "Item", "make_example",
     "LungCt", "LungCtConfig", "builder_for", "config_name", "list_folder_items",
-    "list_mosmeddata_items", "prepare", "read_build_report", "split_patients",
+    "list_mosmeddata_items", "prepare", "read_build_report", "split_index", "split_patients",
 ]

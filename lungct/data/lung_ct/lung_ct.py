@@ -524,3 +524,14 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
     t = report["totals"]
     print(f"lung_ct {self.builder_config.name}: read {t['read']}, kept {t['kept']}, "
           f"skipped {t['skipped']} ({per_split})")
+
+
+def split_index(builder: "LungCt", split: str) -> list[dict[str, Any]]:
+  """study_id, patient_id, label and grade of every example of ``split``, in order."""
+  from lungct.data import pipeline
+  source = builder.as_data_source(split)
+  rows = []
+  for i in range(len(source)):
+    ex = pipeline.decode(source[i])
+    rows.append({k: ex[k] if k.endswith("_id") else int(ex[k]) for k in ("study_id", "patient_id", "label", "grade")})
+  return rows
