@@ -647,7 +647,7 @@ def hausdorff95(pred: Any, true: Any, spacing: Sequence[float] = (1.0, 1.0, 1.0)
 # ----------------------------------------------------------------------------- strict JSON
 
 JSON_NULL_NOTE = ("null marks a value that is undefined for these data (e.g. ROC-AUC of a split with one class, "
-                  "HD95 with nothing predicted); strict JSON has no NaN.")
+                  "HD95 with nothing predicted); strict JSON has no not-a-number value.")
 
 
 def json_safe(obj: Any) -> Any:

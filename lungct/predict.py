@@ -40,6 +40,11 @@ def output_name(path: str, root: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]", "_", rel.replace(os.sep, "__"))
 
 
+def scan_input(path: str, data_cfg) -> np.ndarray:
+  """float32 (D, H, W): the model input for the scan at ``path`` (nifti.ScanError if it cannot be used)."""
+  return preprocess.model_input(nifti.load_scan(path), data_cfg)
+
+
 def choose_threshold(config: ml_collections.ConfigDict, workdir: str) -> tuple[float, str]:
   """config.predict.threshold if set (>= 0); else the Youden threshold --mode=eval chose on validation; else 0.5."""
   if config.predict.threshold >= 0:
@@ -73,12 +78,11 @@ def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_pa
   n = runtime.data_size(predictor.mesh)
   for path in files:
     try:
-      scan = nifti.load_scan(path)
+      image = scan_input(path, config.data)[None, ..., None]
     except nifti.ScanError as e:
       print(f"SKIPPED {e}")
       rows.append({"file": path, "probability": "", "decision": "", "error": e.reason})
       continue
-    image = preprocess.model_input(scan, config.data)[None, ..., None]
     batch = np.repeat(image, n, axis=0)  # one copy per batch shard keeps the batch shardable
     prob = float(runtime.fetch(apply(v.params, v.batch_stats,
                                      runtime.to_global(predictor.mesh, runtime.host_slice(batch))))[0])

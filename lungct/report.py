@@ -121,7 +121,7 @@ def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_pat
   if not os.path.exists(ev_path):
     task.run_eval(predictor, sources, workdir, "test")
   with open(ev_path) as f:
-    ev = json.load(f)
+    ev = _null_to_nan(json.load(f))
   v = predictor.variables
   test_pred = task.predict_split(task.make_apply(v.graphdef, predictor.mesh, config), v, predictor.mesh,
                                  sources["test"], config)
@@ -211,6 +211,15 @@ in a population where it is rarer, the PPV will be lower.</p>
         "", "## Figures", ""] + [f"![{t}](report/{os.path.basename(p)})" for t, p in figs.items()] + [
         "", "## Limitations", ""] + [f"- {_strip(l)}" for l in limitations]
   return page, "\n".join(md) + "\n"
+
+
+def _null_to_nan(obj):
+  """eval_<split>.json writes undefined values as null (strict JSON); the report computes with NaN."""
+  if isinstance(obj, dict):
+    return {k: _null_to_nan(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_null_to_nan(v) for v in obj]
+  return float("nan") if obj is None else obj
 
 
 def _counts(op) -> str:

@@ -82,7 +82,7 @@ class CNN3D(nnx.Module):
       raise ValueError(
           f"CNN3D expects (B, D, H, W, C) with D, H, W >= {self.min_size} for "
           f"{len(self.blocks)} blocks with padding={self.padding!r}; got shape "
-          f"{tuple(x.shape)}. Use a larger data.shape or model.padding='SAME'.")
+          f"{tuple(x.shape)}. Use a larger config.data.shape or config.model.padding='SAME'.")
     for block in self.blocks:
       x = common.apply_block(block, x, train=train, remat=self.remat)
     x = jnp.mean(x, axis=(1, 2, 3))  # GlobalAveragePooling3D
