@@ -114,7 +114,7 @@ def read_meta(workdir: str) -> dict | None:
   path = os.path.join(workdir, LATEST_DIR)
   if not os.path.isdir(path):
     return None
-  mngr = ocp.CheckpointManager(os.path.abspath(path), item_names=("state", "meta"))
+  mngr = _open(os.path.abspath(path))
   step = mngr.latest_step()
   if step is None:
     return None
@@ -140,7 +140,7 @@ def find_checkpoint(path: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
   for d in (os.path.join(path, BEST_DIR), os.path.join(path, LATEST_DIR), path):
     if os.path.isdir(d):
-      steps = ocp.CheckpointManager(d, item_names=("state", "meta")).all_steps()
+      steps = _open(d).all_steps()
       if steps:
         return d, max(steps)
   raise CheckpointError(f"no checkpoint found under {path}")

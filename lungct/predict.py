@@ -59,7 +59,8 @@ def choose_threshold(config: ml_collections.ConfigDict, workdir: str) -> tuple[f
 
 def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
                   explicit: Sequence[str] = ()) -> list[dict]:
-  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit)
+  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit,
+                                            num_outputs=tasks.num_outputs)
   config = predictor.config
   task = tasks.check_mode(config, "predict")
   if config.data.label != "binary":

@@ -111,7 +111,8 @@ def gradcam_figures(config, predictor: runtime.Predictor, source, test_pred: dic
 
 def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
                  explicit=()) -> str:
-  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit)
+  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit,
+                                            num_outputs=tasks.num_outputs)
   config = predictor.config
   task = tasks.check_mode(config, "report")
   if config.data.label != "binary":

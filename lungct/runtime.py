@@ -180,18 +180,18 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any, like: Any) 
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
-                          explicit: Sequence[str] = ()) -> Predictor:
+                          explicit: Sequence[str] = (), *,
+                          num_outputs: Callable[[ml_collections.ConfigDict], int]) -> Predictor:
   """The best (or ``checkpoint_path``) checkpoint's params and BatchNorm statistics, replicated on the mesh.
 
   No optimizer is built or restored. Model, data and task settings come from the checkpoint
-  (`inference_config`), so eval/predict/report see data prepared as in training.
+  (`inference_config`), so eval/predict/report see data prepared as in training. ``num_outputs(config)``
+  (the task's) sizes the model's head for the checkpoint's config.
   """
-  from lungct import tasks
   directory, step = checkpoint.find_checkpoint(checkpoint_path or workdir)
   saved_params, saved_stats, meta = checkpoint.restore_variables(directory, step)
   config = inference_config(config, meta.get("config", {}), explicit)
-  task = tasks.get(config)
-  fresh = init_variables(config, task.num_outputs(config))
+  fresh = init_variables(config, num_outputs(config))
   params = _same_tree(saved_params, fresh.params, f"{directory}/{step}", "params")
   stats = _same_tree(saved_stats, fresh.batch_stats, f"{directory}/{step}", "batch_stats")
   mesh = make_mesh(config)

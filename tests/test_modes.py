@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from lungct import config_check, evaluate, predict, report, runtime, train
+from lungct import config_check, evaluate, predict, report, runtime, tasks, train
 from lungct.data import nifti, phantom
 from tests.helpers import tiny_config
 
@@ -65,10 +65,10 @@ def test_inference_takes_data_and_model_settings_from_the_checkpoint(trained):
   other = c.copy_and_resolve_references()
   other.data.shape = (48, 64, 64)           # e.g. the config file's default, not what the model was trained at
   other.model.dense = 32
-  m = runtime.restore_for_inference(other, workdir)
+  m = runtime.restore_for_inference(other, workdir, num_outputs=tasks.num_outputs)
   assert tuple(m.config.data.shape) == tuple(c.data.shape) and m.config.model.dense == c.model.dense
   with pytest.raises(config_check.ConfigError, match="data.shape"):  # said explicitly: refused, one line
-    runtime.restore_for_inference(other, workdir, explicit=["data.shape"])
+    runtime.restore_for_inference(other, workdir, explicit=["data.shape"], num_outputs=tasks.num_outputs)
 
 
 def test_eval_survives_a_changed_optimizer_schedule_and_freeze(trained, tmp_path):

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from lungct import config_check, runtime, train
+from lungct import config_check, runtime, tasks, train
 from tests.helpers import tiny_config
 
 
@@ -16,7 +16,8 @@ def data_dir(tmp_path_factory):
 
 
 def _params(workdir, config):
-  m = runtime.restore_for_inference(config, workdir, os.path.join(workdir, "checkpoints"))
+  m = runtime.restore_for_inference(config, workdir, os.path.join(workdir, "checkpoints"),
+                                    num_outputs=tasks.num_outputs)
   return m.step, jax.tree.map(np.asarray, m.variables.params)
 
 

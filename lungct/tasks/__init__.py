@@ -43,3 +43,8 @@ def check_mode(config, mode: str) -> types.ModuleType:
     raise TaskError(f"--mode={mode} is not supported by config.task={task.NAME!r} "
                     f"(it supports: {', '.join(task.MODES)})")
   return task
+
+
+def num_outputs(config) -> int:
+  """The model outputs ``config``'s task needs (for `runtime.restore_for_inference`)."""
+  return get(config).num_outputs(config)
