@@ -14,10 +14,10 @@ def get_config():
   c.data.manual_dir = ""                  # required: the folder holding CT-0 ... CT-4 (and masks/)
   c.data.shape = (64, 128, 128)           # the tutorial's 128x128x64 volumes, as (depth, height, width)
   c.data.hu_window = (-1000.0, 400.0)
-  c.data.augment.max_rotate_deg = 20.0    # the tutorial rotates by one of (-20, -10, -5, 5, 10, 20) degrees
-  c.data.augment.flip_lr = False
-  c.data.augment.intensity_shift = 0.0
-  c.data.augment.intensity_scale = 0.0
+  c.augment.max_rotate_deg = 20.0    # the tutorial rotates by one of (-20, -10, -5, 5, 10, 20) degrees
+  c.augment.flip_lr = False
+  c.augment.intensity_shift = 0.0
+  c.augment.intensity_scale = 0.0
   c.model.name = "cnn3d"
   c.model.features = (64, 64, 128, 256)
   c.model.dense = 512
