@@ -130,6 +130,10 @@ def test_config_name_separates_data_changes(tmp_path):
   assert names[1].startswith("synthetic-16x32x48-n16-s0-")
   assert len({names[0], names[1], names[2]}) == 3
   assert names[3] == names[0]
+  assert lung_ct.changes_dataset("data.shape") and lung_ct.changes_dataset("data.fit")
+  assert lung_ct.changes_dataset("target_spacing")
+  for key in ("data.data_dir", "data.label", "data.on_bad_scan", "loader.prefetch", "augment.rot90", "model.width"):
+    assert not lung_ct.changes_dataset(key), key
 
 
 # ----------------------------------------------------------------------------- folder
@@ -355,3 +359,17 @@ def test_builder_module_uses_no_os_or_open(tmp_path, monkeypatch):
   d = synthetic_cfg(tmp_path, num_scans=6, phantom_shape=(32, 32, 16), shape=(8, 16, 16))
   builder = lung_ct.prepare(d)
   assert lung_ct.read_build_report(builder)["totals"]["kept"] == 6
+
+
+def test_tfds_config_dump_is_replaced_by_one_short_line(tmp_path, caplog, capsys):
+  """TFDS logged the whole builder config on one ~500-character line for every builder made."""
+  import logging  # pylint: disable=g-import-not-at-top
+  caplog.set_level(logging.INFO)
+  d = synthetic_cfg(tmp_path, num_scans=6, phantom_shape=(32, 32, 16), shape=(8, 16, 16))
+  lung_ct.prepare(d)
+  lung_ct.prepare(d)
+  assert not [r for r in caplog.records if "Using custom data configuration" in r.getMessage()]
+  out = capsys.readouterr().out
+  line = [l for l in out.splitlines() if l.startswith("lung_ct: using")]
+  assert len(line) == 1 and len(line[0]) < 200 and lung_ct.config_name(d) in line[0]
+  assert repr(lung_ct.builder_for(d).builder_config) == f"LungCtConfig({lung_ct.config_name(d)})"

@@ -168,6 +168,17 @@ def _data_fields(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   return fields
 
 
+def changes_dataset(key: str) -> bool:
+  """Whether a config key ("data.shape", "shape", "loader.prefetch", ...) changes the built
+  dataset: every data.* key except data_dir, build_workers, on_bad_scan and the label
+  interpretation (label, num_classes). The one list of such keys (issue 9)."""
+  if key.startswith("data."):
+    key = key[len("data."):]
+  elif "." in key:
+    return False  # loader.*, augment.*, model.*, train.*, ...
+  return key.split(".")[0] not in _NOT_DATA_KEYS
+
+
 def config_name(data_cfg: ml_collections.ConfigDict) -> str:
   """A TFDS config name unique to everything that changes the data.
 
