@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   t = c.train
   t.batch_size = 16
-  t.num_epochs = 8                 # best validation AUC came at epoch 6 of 12 (seed 0)
+  t.num_epochs = 12               # seed 0: best validation AUC at epoch 6; ~19 CPU-minutes in all
   t.optimizer = "adamw"
   t.learning_rate = 2e-3
   t.schedule = "warmup_cosine"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import os
 from typing import Any, Mapping
@@ -251,6 +252,15 @@ def list_items(data_cfg: Mapping[str, Any]) -> list[Item]:
   raise DataError(f"data.source must be one of {SOURCES}, got {source!r}")
 
 
+@functools.lru_cache(maxsize=3)
+def _medmnist_images(path: str, split: str, mtime: float) -> np.ndarray:
+  """A split's image array, read once per build (an .npz member is read whole on access);
+  `mtime` keys the cache so a rewritten file is read again."""
+  del mtime
+  with np.load(path) as z:
+    return np.asarray(z[f"{split}_images"])
+
+
 def load_mask(path: str, shape_xyz) -> np.ndarray:
   """A lesion mask file -> uint8 (x, y, z) in canonical orientation; ScanError if bad."""
   try:
@@ -285,9 +295,9 @@ def load_item(item: Item, data_cfg: Mapping[str, Any]) -> Loaded:
     scan = nifti.Scan(volume=nod.hu, spacing=nod.spacing, affine=nod.affine, path=f"nodule {item.study_id}")
     return Loaded(scan, nod.mask)
   if source == "medmnist":
-    with np.load(item.path, mmap_mode="r") as z:
-      split = {v: k for k, v in MEDMNIST_SPLITS.items()}[item.split]
-      vol = np.asarray(z[f"{split}_images"][item.index], dtype=np.float32).reshape(z[f"{split}_images"].shape[1:4])
+    split = {v: k for k, v in MEDMNIST_SPLITS.items()}[item.split]
+    images = _medmnist_images(item.path, split, os.path.getmtime(item.path))
+    vol = np.asarray(images[item.index], dtype=np.float32).reshape(images.shape[1:4])
     # MedMNIST volumes are (D, H, W) uint8 0..255 (or floats in [0, 1]) at an assumed 1 mm.
     scale = 255.0 if vol.max(initial=0) > 1.0 else 1.0
     spacing = float(data_cfg.get("medmnist_spacing", 1.0) or 1.0)
