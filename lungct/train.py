@@ -219,6 +219,16 @@ def data_sources(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {split: builder.as_data_source(split) for split in ("train", "validation", "test")}
 
 
+def dataset_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the dataset build read, kept and skipped (and why), from its build report; {} if there is none."""
+  from lungct.data import lung_ct
+  try:
+    report = lung_ct.read_build_report(lung_ct.builder_for(config.data))
+  except (OSError, ValueError):
+    return {}
+  return {k: report[k] for k in ("config", "totals", "skip_reasons", "splits") if k in report}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources: dict | None = None) -> dict:
   """Trains ``config.task`` per ``config``; writes checkpoints, metrics.jsonl, TensorBoard and metrics.json.
 
@@ -272,6 +282,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
 
   start_step = int(state["step"])
   writer = MetricWriter(workdir, enabled=is_main)
+  dataset = dataset_summary(config)
+  if is_main and dataset:  # what was skipped stays in sight at every run, not only during the build
+    from lungct.data import lung_ct
+    print("\n".join(lung_ct.summary_lines(dataset)))
   if is_main and start_step == 0:
     print(f"Task {task.NAME}: {len(train_src)} train / {len(val_src)} validation volumes of shape "
           f"{tuple(config.data.shape)}; {total_steps} steps of global batch {tc.batch_size} on "
@@ -359,7 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
 
   summary = {"task": task.NAME, "stop_reason": stop_reason, "steps": step,
              "wall_time_s": time.time() - t_start, "best_step": book["best_step"],
-             f"best_val_{task.BEST_METRIC}": book["best"]}
+             f"best_val_{task.BEST_METRIC}": book["best"], "dataset": dataset}
   if stop_reason.startswith("preempted"):
     if is_main:
       print(f"Stopped at step {step}: {stop_reason}; checkpoint saved, rerun the same command to resume.")
