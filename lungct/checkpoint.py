@@ -30,7 +30,7 @@ def check_writable(path: str) -> None:
   """Creates ``path`` if needed and proves it writable; CheckpointError naming it otherwise."""
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, ".write_probe")
+    probe = os.path.join(path, f".write_probe.{os.getpid()}")  # one per process: hosts may share the workdir
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
