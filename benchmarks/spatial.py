@@ -36,6 +36,7 @@ def parse_args(argv=None):
   p.add_argument("--unet_features", default="8,16,32,64")
   p.add_argument("--resnet_depth", type=int, default=18)
   p.add_argument("--resnet_width", type=int, default=16)
+  p.add_argument("--resnet_stem_stride", default="1,2,2")
   p.add_argument("--cpu_devices", type=int, default=8, help="virtual CPU devices (0: use the real devices)")
   p.add_argument("--out", default="", help="write the results as JSON here")
   return p.parse_args(argv)
@@ -64,7 +65,8 @@ def main(argv=None):
       feats = tuple(int(f) for f in args.unet_features.split(","))
       return UNet3D(num_outputs=1, features=feats, remat=bool(args.remat), dtype=dtype, rngs=nnx.Rngs(0))
     return ResNet3D(num_outputs=1, depth=args.resnet_depth, width=args.resnet_width, remat=bool(args.remat),
-                    dtype=dtype, rngs=nnx.Rngs(0))
+                    stem_stride=tuple(int(s) for s in args.resnet_stem_stride.split(",")), dtype=dtype,
+                    rngs=nnx.Rngs(0))
 
   results = []
   for name in args.models.split(","):

@@ -62,6 +62,11 @@ def jit(fn: Callable[..., Any], mesh: Mesh, **jit_kwargs) -> Callable[..., Any]:
   def call(*args, **kwargs):
     with jax.set_mesh(mesh):
       return jitted(*args, **kwargs)
+
+  def lower(*args, **kwargs):  # AOT use (benchmarks: .lower(...).compile()), also under the mesh
+    with jax.set_mesh(mesh):
+      return jitted.lower(*args, **kwargs)
+  call.lower = lower
   return call
 
 
