@@ -32,7 +32,7 @@ def as_dtype(dtype: Any) -> jnp.dtype:
 
 # ----------------------------------------------------------------------------- convolution formulation
 
-CONV_IMPLS = ("xla", "im2col")
+CONV_IMPLS = ("xla", "im2col", "onednn")
 
 
 def _channels_last(dimension_numbers: Any, lhs_shape, rhs_shape) -> bool:
@@ -78,11 +78,19 @@ def im2col_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, 
 
 
 def conv_fn(impl: str) -> Callable[..., jax.Array]:
-  """The `conv_general_dilated` of a formulation: 'xla' (XLA's convolution) or 'im2col'."""
+  """The `conv_general_dilated` of a formulation: 'xla' (XLA's convolution), 'im2col', or 'onednn'.
+
+  'onednn' (lungct.ops.onednn_conv) runs 3D channels-last convolutions and both their gradients as oneDNN
+  custom calls on the CPU backend; elsewhere (GPU, dilated or grouped convolutions, no compiler to build the
+  extension) it is XLA's convolution.
+  """
   if impl == "xla":
     return jax.lax.conv_general_dilated
   if impl == "im2col":
     return im2col_conv_general_dilated
+  if impl == "onednn":
+    from lungct.ops import onednn_conv  # builds the extension lazily, at the first convolution traced
+    return onednn_conv.conv_general_dilated
   raise ValueError(f"config.model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
 
 
