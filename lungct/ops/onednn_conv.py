@@ -128,17 +128,19 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                         batch_group_count: int = 1, precision=None, preferred_element_type=None) -> jax.Array:
+                         batch_group_count: int = 1, precision=None, preferred_element_type=None,
+                         out_sharding=None) -> jax.Array:
   """`jax.lax.conv_general_dilated` computed by oneDNN where it can be (see the module docstring)."""
+  extra = {} if out_sharding is None else {"out_sharding": out_sharding}
   fallback = lambda: jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-      batch_group_count, precision=precision, preferred_element_type=preferred_element_type)
+      batch_group_count, precision=precision, preferred_element_type=preferred_element_type, **extra)
   dtype = jnp.result_type(lhs, rhs)
   if (lhs.ndim != 5 or rhs.ndim != 5 or feature_group_count != 1 or batch_group_count != 1
       or any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))
       or not _channels_last(dimension_numbers, lhs.shape, rhs.shape) or dtype not in _DTYPES
       or (preferred_element_type is not None and jnp.dtype(preferred_element_type) != dtype)
-      or jax.default_backend() != "cpu"):
+      or out_sharding is not None or jax.default_backend() != "cpu"):
     return fallback()
   strides = tuple(int(s) for s in window_strides)
   geometry = _conv_geometry(lhs.shape, rhs.shape[:3], strides, padding)
