@@ -5,24 +5,41 @@ from typing import Any
 
 from flax import nnx
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 # Parameters always live in float32; only the compute dtype changes.
 PARAM_DTYPE = jnp.float32
 
 
+# Named rematerialisation policies for `remat` (True = "full"): what a block keeps for the backward pass.
+REMAT_POLICIES = ("full", "conv_outputs", "dots")
+
+
+def _remat_policy(name: str):
+  if name == "full":
+    return None  # keep nothing but the block's input: recompute the whole block
+  if name == "conv_outputs":
+    return jax.checkpoint_policies.save_only_these_names("conv_out")  # see set_conv_impl
+  if name == "dots":
+    return jax.checkpoint_policies.dots_saveable
+  raise ValueError(f"config.model.remat must be a bool or one of {REMAT_POLICIES}, got {name!r}")
+
+
 def apply_block(block: Callable[..., jax.Array], x: jax.Array, *, train: bool,
-                remat: bool) -> jax.Array:
+                remat: bool | str) -> jax.Array:
   """Calls `block(x, train=train)`, optionally under `nnx.remat`.
 
-  With `remat=True` the block's activations are not stored for the backward
-  pass but recomputed from its input: less memory, one extra forward pass.
-  The result (values, gradients and BatchNorm updates) is the same.
+  With `remat=True` (or "full") the block's activations are not stored for the backward pass but
+  recomputed from its input: less memory, one extra forward pass. "conv_outputs" keeps the convolution
+  outputs and recomputes the cheap elementwise/pooling/normalisation work; "dots" keeps what
+  `jax.checkpoint_policies.dots_saveable` keeps. The result (values, gradients and BatchNorm updates) is the same.
   """
   if not remat:
     return block(x, train=train)
+  policy = _remat_policy("full" if remat is True else remat)
   # `train` is a Python bool closed over, so it stays static under checkpoint.
-  return nnx.remat(lambda b, y: b(y, train=train))(block, x)
+  return nnx.remat(lambda b, y: b(y, train=train), policy=policy)(block, x)
 
 
 def as_dtype(dtype: Any) -> jnp.dtype:
@@ -94,9 +111,22 @@ def conv_fn(impl: str) -> Callable[..., jax.Array]:
   raise ValueError(f"config.model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
 
 
+def _named(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """`fn` with its output named "conv_out" for the remat policy "conv_outputs" (no effect otherwise)."""
+  def conv(*args, **kwargs):
+    return checkpoint_name(fn(*args, **kwargs), "conv_out")
+  conv.impl = fn
+  return conv
+
+
+_NAMED = {}
+
+
 def set_conv_impl(model: nnx.Module, impl: str) -> nnx.Module:
   """Makes every `nnx.Conv` inside `model` use the `impl` formulation (parameters are unchanged)."""
-  fn = conv_fn(impl)
+  if impl not in _NAMED:
+    _NAMED[impl] = _named(conv_fn(impl))
+  fn = _NAMED[impl]
   for _, module in nnx.iter_modules(model):
     if isinstance(module, nnx.Conv):
       module.conv_general_dilated = fn
