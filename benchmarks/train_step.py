@@ -144,13 +144,36 @@ def cost_flops(compiled) -> float:
 
 # ----------------------------------------------------------------------------- the two sides
 
+class _reshape_pool:
+  """Within the block: the tutorial CNN pools with `common.max_pool` (reshape + max) instead of
+  `nnx.max_pool` -- what the proposed cnn3d.py change does (see benchmarks/README.md)."""
+
+  def __enter__(self):
+    from flax import nnx
+    from lungct.models import cnn3d, common
+    self.module, self.saved = cnn3d, cnn3d.nnx
+    patched = types.ModuleType("nnx_with_reshape_pool")
+    patched.__dict__.update(vars(nnx))
+    patched.max_pool = common.max_pool
+    cnn3d.nnx = patched
+
+  def __exit__(self, *exc):
+    self.module.nnx = self.saved
+
+
 def setup_lungct(model: str, batch: int, shape, dtype: str, remat: bool,
                  conv_impl: str | None = None) -> tuple[Callable[[], None], dict[str, Any]]:
-  """lungct's train step jitted on a 1-device mesh and compiled: (one blocking step, info with the XLA FLOP count)."""
+  """lungct's train step jitted on a 1-device mesh and compiled: (one blocking step, info with the XLA FLOP count).
+
+  `conv_impl` may carry the suffix ":rpool" (tutorial CNN pooled by reshape + max, see `_reshape_pool`).
+  """
+  import contextlib
   import jax
   import jax.numpy as jnp
   train = import_train()
-  config = lungct_config(model, batch, shape, dtype, remat, conv_impl)
+  conv_impl, _, variant = (conv_impl or "").partition(":")
+  pool = _reshape_pool() if variant == "rpool" else contextlib.nullcontext()
+  config = lungct_config(model, batch, shape, dtype, remat, conv_impl or None)
   graphdef, state, tx = train.create_state(config, total_steps=1000)
   mesh = train.make_mesh(jax.devices()[:1])
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -161,10 +184,11 @@ def setup_lungct(model: str, batch: int, shape, dtype: str, remat: bool,
   labels = train.to_global(mesh, (np.arange(batch) % 2).astype(np.int32))
   key = jax.random.PRNGKey(0)
   t = time.perf_counter()
-  compiled = step_fn.lower(state, images, labels, key).compile()
+  with pool:
+    compiled = step_fn.lower(state, images, labels, key).compile()
   compile_s = time.perf_counter() - t
   flops = cost_flops(compiled)
-  holder = {"state": state}
+  holder = {"state": state, "compiled": compiled}
 
   def one():
     holder["state"], m = compiled(holder["state"], images, labels, key)
@@ -287,7 +311,7 @@ def main(argv=None) -> dict[str, Any]:
         res[name]["conv_impl"] = impl
       first = res[next(iter(res))]
       flops = first["flops_per_step"]
-      if any(i not in (None, "xla", "im2col") for i in impls) or backend != "cpu":
+      if any(i not in (None, "xla", "im2col") for i in impls) or backend != "cpu":  # custom calls
         flops = float("nan") if args.no_flops else _flops_only(m, args.batch, shape, args.dtype, remat)
     elif args.no_flops:
       flops = float("nan")
@@ -323,9 +347,11 @@ def main(argv=None) -> dict[str, Any]:
 
 
 def _flops_only(model, batch, shape, dtype, remat) -> float:
-  """XLA's FLOP count of the step with XLA's own convolutions (compiled for the CPU, not run)."""
+  """XLA's FLOP count of the step with XLA's own convolutions, compiled for the CPU (not run) at batch
+  min(batch, 2) and scaled to `batch` (the per-volume work is the same; the optimizer's is negligible)."""
   import jax
   train = import_train()
+  full, batch = batch, min(batch, 2)
   config = lungct_config(model, batch, shape, dtype, remat, "xla")
   graphdef, state, tx = train.create_state(config, total_steps=1000)
   cpu = jax.devices("cpu")[:1]
@@ -335,7 +361,7 @@ def _flops_only(model, batch, shape, dtype, remat) -> float:
   state = jax.device_put(state, NamedSharding(mesh, P()))
   images = jax.ShapeDtypeStruct((batch, *shape, 1), np.float32, sharding=NamedSharding(mesh, P("data")))
   labels = jax.ShapeDtypeStruct((batch,), np.int32, sharding=NamedSharding(mesh, P("data")))
-  return cost_flops(step_fn.lower(state, images, labels, jax.random.PRNGKey(0)).compile())
+  return cost_flops(step_fn.lower(state, images, labels, jax.random.PRNGKey(0)).compile()) * full / batch
 
 
 def _cpu_name() -> str:

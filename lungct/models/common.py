@@ -42,6 +42,29 @@ def apply_block(block: Callable[..., jax.Array], x: jax.Array, *, train: bool,
   return nnx.remat(lambda b, y: b(y, train=train), policy=policy)(block, x)
 
 
+def max_pool(x: jax.Array, window: tuple[int, ...], strides: tuple[int, ...] | None = None,
+             padding: str = "VALID") -> jax.Array:
+  """`nnx.max_pool` on channels-last (B, spatial..., C) input; non-overlapping VALID windows as a reshape + max.
+
+  XLA computes `reduce_window` max and, for its gradient, `select_and_scatter`; the latter is slow on CPU
+  (2x2x2 pooling of a (2, 62, 126, 126, 64) activation: 14.5 s forward + backward vs 3.7 s as a reshape + max,
+  same loaded machine). When the windows tile the input (window == strides, VALID) the pool is a reshape
+  and a max over the window axes, whose gradient is an elementwise mask. Values are identical; where a window
+  holds several equal maxima the gradient is split between them instead of going to the first one (after a
+  ReLU such ties are zeros, whose gradient the ReLU discards).
+  """
+  strides = tuple(window) if strides is None else tuple(strides)
+  if tuple(window) != strides or padding != "VALID" or x.ndim != len(window) + 2:
+    return nnx.max_pool(x, tuple(window), strides=strides, padding=padding)
+  spatial = x.shape[1:-1]
+  x = x[(slice(None), *[slice(0, n // k * k) for n, k in zip(spatial, window)])]
+  shape = [x.shape[0]]
+  for n, k in zip(spatial, window):
+    shape += [n // k, k]
+  x = x.reshape(*shape, x.shape[-1])
+  return jnp.max(x, axis=tuple(2 + 2 * i for i in range(len(window))))
+
+
 def as_dtype(dtype: Any) -> jnp.dtype:
   """Accepts a dtype or its name ('float32', 'bfloat16')."""
   return jnp.dtype(dtype)
