@@ -119,8 +119,10 @@ def _conv_bwd(strides, pads, res, g):
   x, w = res
   g = g.astype(x.dtype)
   dx = partition.call("bwd_data", _ffi, g, w, x.shape, x.dtype, strides, pads)
-  dw = partition.call("bwd_weights", _ffi, x, g, w.shape, w.dtype, strides, pads)
-  return dx, dw
+  # The weight gradient is accumulated and written in float32 whatever the activations' type: for bf16
+  # activations oneDNN's AMX kernel with a float32 result ran 2x faster than with a bf16 one (and is exact).
+  dw = partition.call("bwd_weights", _ffi, x, g, w.shape, jnp.float32, strides, pads)
+  return dx, dw.astype(w.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
