@@ -128,6 +128,8 @@ def lungct_config(model: str, batch: int, shape: tuple[int, int, int], dtype: st
     config.model.dropout = 0.0
   else:
     raise ValueError(f"unknown model {model!r}; known: {MODELS}")
+  if isinstance(remat, str):  # a policy name: the config field is typed bool
+    del config.model["remat"]
   config.model.remat = remat
   if conv_impl:
     config.model.conv_impl = conv_impl
