@@ -147,20 +147,22 @@ def cost_flops(compiled) -> float:
 # ----------------------------------------------------------------------------- the two sides
 
 class _reshape_pool:
-  """Within the block: the tutorial CNN pools with `common.max_pool` (reshape + max) instead of
-  `nnx.max_pool` -- what the proposed cnn3d.py change does (see benchmarks/README.md)."""
+  """Within the block: the tutorial CNN and ResNet pool with `common.max_pool` (reshape / strided slices +
+  max) instead of `nnx.max_pool` -- what the proposed cnn3d.py/resnet3d.py change does (benchmarks/README.md)."""
 
   def __enter__(self):
     from flax import nnx
-    from lungct.models import cnn3d, common
-    self.module, self.saved = cnn3d, cnn3d.nnx
-    patched = types.ModuleType("nnx_with_reshape_pool")
+    from lungct.models import cnn3d, common, resnet3d
+    self.saved = [(m, m.nnx) for m in (cnn3d, resnet3d)]
+    patched = types.ModuleType("nnx_with_common_max_pool")
     patched.__dict__.update(vars(nnx))
     patched.max_pool = common.max_pool
-    cnn3d.nnx = patched
+    for m, _ in self.saved:
+      m.nnx = patched
 
   def __exit__(self, *exc):
-    self.module.nnx = self.saved
+    for m, saved in self.saved:
+      m.nnx = saved
 
 
 def setup_lungct(model: str, batch: int, shape, dtype: str, remat: bool,
