@@ -36,6 +36,7 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], float]:
   names = {e.get("pid"): e.get("args", {}).get("name", "") for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
   gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n or "/device:" in n and "CPU" not in n}
+  gpu = gpu or set(names)  # no device rows (a CPU run): the host's rows
   totals: dict[str, float] = collections.defaultdict(float)
   for e in events:
     if e.get("ph") == "X" and e.get("pid") in gpu:
@@ -49,6 +50,7 @@ def main(argv=None) -> None:
   p.add_argument("--variants", nargs="+", default=("xla", "xla:rpool"))
   p.add_argument("--dtype", default="float32")
   p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128))
   p.add_argument("--top", type=int, default=12)
   p.add_argument("--out", default=os.environ.get("OUT", "/tmp/lungct_profile"))
   args = p.parse_args(argv)
@@ -57,7 +59,7 @@ def main(argv=None) -> None:
   for batch in args.batches:
     for variant in args.variants:
       tag = f"b{batch}_{variant.replace(':', '_')}_{args.dtype}"
-      one, info = train_step.setup_lungct("cnn3d", batch, (64, 128, 128), args.dtype, False, variant)
+      one, info = train_step.setup_lungct("cnn3d", batch, tuple(args.shape), args.dtype, False, variant)
       os.makedirs(os.path.join(args.out, "profile"), exist_ok=True)
       with open(os.path.join(args.out, "profile", f"hlo_{tag}.txt"), "w") as f:
         f.write(info["_holder"]["compiled"].as_text())
