@@ -3,14 +3,13 @@
     python -m lungct.main --config configs/resnet18.py --workdir runs/resnet18
 """
 from configs import default
+from lungct import models
 
 
 def get_config():
   c = default.get_config()
-  c.model.name = "resnet3d"
-  c.model.depth = 18
-  c.model.width = 16                      # MedicalNet/torchvision use 64; 16 keeps CPU runs short
-  c.model.dropout = 0.2
+  # MedicalNet/torchvision use width 64; 16 keeps CPU runs short
+  c.model = models.model_config("resnet3d", depth=18, width=16, dropout=0.2, conv_impl="im2col")
   c.data.shape = (48, 64, 64)
   c.train.optimizer = "adamw"
   c.train.schedule = "warmup_cosine"

@@ -8,29 +8,29 @@ Works with any source that has masks (synthetic; MosMedData with masks/; folder 
 import ml_collections
 
 from configs import default
+from lungct import models
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = default.get_config()
   c.task = "segment"
-  c.model.name = "unet3d"
-  c.model.features = (8, 16, 32)    # channels per level; 3D U-Net paper: (32, 64, 128, 256)
-  c.model.dropout = 0.0             # bottleneck dropout
+  c.model = models.model_config("unet3d", features=(8, 16, 32))  # 3D U-Net paper: (32, 64, 128, 256)
   c.data.shape = (48, 64, 64)       # the whole preprocessed volume (same dataset as the classifier demo)
   c.train.batch_size = 4
   c.train.num_epochs = 10
   c.train.learning_rate = 1e-3
   c.train.schedule = "constant"
+  c.train.precise_bn_batches = 0   # as the README's measured segmentation run (precise BN is available)
 
-  c.seg = ml_collections.ConfigDict()
-  c.seg.patch = (32, 48, 48)        # training crop (D, H, W); = data.shape trains on whole volumes
-  c.seg.pos_fraction = 0.67         # share of crops centred on a lesion voxel (MONAI RandCropByPosNegLabel pos/(pos+neg))
-  c.seg.roi = ()                    # sliding-window size for whole-volume inference; empty = patch
-  c.seg.overlap = 0.5               # sliding-window overlap
-  c.seg.mode = "gaussian"           # gaussian | constant window weighting
-  c.seg.sw_batch_size = 4           # windows per forward pass
-  c.seg.threshold = 0.5             # probability -> mask
-  c.seg.lambda_dice = 1.0           # DiceCELoss weights
-  c.seg.lambda_ce = 1.0
-  c.seg.num_overlays = 4            # --mode=eval: mask_comparison PNGs written to <workdir>/seg_overlays/
+  c.segment = ml_collections.ConfigDict()
+  c.segment.patch = (32, 48, 48)        # training crop (D, H, W); = data.shape trains on whole volumes
+  c.segment.pos_fraction = 0.67         # share of crops centred on a lesion voxel (MONAI RandCropByPosNegLabel pos/(pos+neg))
+  c.segment.roi = ()                    # sliding-window size for whole-volume inference; empty = patch
+  c.segment.overlap = 0.5               # sliding-window overlap
+  c.segment.mode = "gaussian"           # gaussian | constant window weighting
+  c.segment.sw_batch_size = 4           # windows per forward pass
+  c.segment.threshold = 0.5             # probability -> mask
+  c.segment.lambda_dice = 1.0           # DiceCELoss weights
+  c.segment.lambda_ce = 1.0
+  c.segment.num_overlays = 4            # --mode=eval: mask_comparison PNGs written to <workdir>/seg_overlays/
   return c

@@ -1,7 +1,8 @@
 """Ablations as data: one base config (configs/default.py, 10 epochs) plus, per ablation, a list of
 (variant name, overrides).
 
-Overrides are {"dotted.config.key": value}. ``init_from="@<name>"`` names a prerequisite run of the ablation
+Overrides are {"dotted.config.key": value} (applied by `lungct.config_check.apply_overrides`); a whole group
+can be replaced, e.g. {"model": models.model_config("resnet3d", ...)}. ``init_from="@<name>"`` names a prerequisite run of the ablation
 (``requires``), which the runner trains once (seed 0) and replaces by that run's workdir.
 Every variant keeps the data and its split fixed (data.split_seed); seeds change init, data order,
 dropout and augmentation (config.seed).
@@ -13,6 +14,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from configs import default
+from lungct import models
 
 Overrides = dict[str, Any]
 
@@ -23,7 +25,6 @@ def base_config() -> ml_collections.ConfigDict:
   learns the task (val/test AUC ~0.9) in ~2-2.5 min per run on 2 CPU cores."""
   c = default.get_config()
   c.data.data_dir = "data/tfds"
-  c.model.width = 8                     # resnet3d variant
   c.train.num_epochs = 10               # 114 training volumes / batch 8 -> 14 steps per epoch, 140 steps
   c.train.progress_bar = False
   c.eval.n_boot = 0
@@ -44,13 +45,12 @@ PRETRAIN: Overrides = {"data.label": "grade", "data.num_classes": 5, "data.phant
 ABLATIONS: dict[str, Ablation] = {
     "augment": Ablation(
         "on-device 3D augmentation (rotation, left-right flip, intensity) on vs off",
-        [("off", {"data.augment.enabled": False}), ("on", {"data.augment.enabled": True})]),
+        [("off", {"augment.enabled": False}), ("on", {"augment.enabled": True})]),
     "model": Ablation(
         "tutorial CNN (features 16,16,32,64, dense 128) vs 3D ResNet-18 of width 8 (XLA convolutions: im2col's "
         "7^3 stem made it ~1.6x slower per step on CPU)",
-        [("cnn3d", {"model.name": "cnn3d"}),
-         ("resnet18", {"model.name": "resnet3d", "model.depth": 18, "model.width": 8, "model.dropout": 0.2,
-                       "model.conv_impl": "xla"})]),
+        [("cnn3d", {}),
+         ("resnet18", {"model": models.model_config("resnet3d", depth=18, width=8, dropout=0.2)})]),
     "resolution": Ablation(
         "input volume (depth, height, width)",
         [("48x48x48", {"data.shape": (48, 48, 48)}), ("48x64x64", {"data.shape": (48, 64, 64)})]),
@@ -63,16 +63,3 @@ ABLATIONS: dict[str, Ablation] = {
         common={"data.split_fractions": (0.2, 0.4, 0.4), "train.num_epochs": 8},
         requires={"pretrain": PRETRAIN}),
 }
-
-
-def apply(config: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:
-  """``config`` with each "a.b.c" key set to its value (in place; returns it)."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(f"override {key!r}: no such config key")
-    node[leaf] = value
-  return config

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from experiments import ablations
+from lungct import config_check
 
 COLUMNS = [("val_auc", "validation", "auc"), ("test_auc", "test", "auc"), ("test_accuracy", "test", "accuracy"),
            ("test_sensitivity", "test", "sensitivity"), ("test_specificity", "test", "specificity"),
@@ -26,15 +27,16 @@ COLUMNS = [("val_auc", "validation", "auc"), ("test_auc", "test", "auc"), ("test
 
 
 def _config(ablation: ablations.Ablation, overrides: dict, cli: dict, runs: dict[str, str]):
-  c = ablations.apply(ablations.base_config(), {**ablation.common, **overrides, **cli})
+  c = config_check.apply_overrides(ablations.base_config(), {**ablation.common, **overrides, **cli})
   if c.init_from.startswith("@"):  # a prerequisite run's workdir
     c.init_from = runs[c.init_from[1:]]
   return c
 
 
 def _train(config, workdir: str) -> dict:
-  """train_and_evaluate's summary; reuses <workdir>/metrics.json if it was written by the same config."""
-  from lungct import train
+  """The training run's summary (through the CLI's entry point, `lungct.main.run`); reuses
+  <workdir>/metrics.json if it was written by the same config."""
+  from lungct import main
   from lungct.data import lung_ct
   done, cfg_file = os.path.join(workdir, "metrics.json"), os.path.join(workdir, "run_config.json")
   config_json = config.to_json_best_effort(sort_keys=True)
@@ -42,7 +44,7 @@ def _train(config, workdir: str) -> dict:
     return json.load(open(done))
   lung_ct.prepare(config.data)  # build the dataset first: its one-off cost is not part of the wall time
   print(f"=== {workdir}", flush=True)
-  summary = train.train_and_evaluate(config, workdir)
+  summary = main.run(config, workdir, "train")
   with open(cfg_file, "w") as f:
     f.write(config_json)
   return summary

@@ -114,19 +114,19 @@ def read_meta(workdir: str) -> dict | None:
   path = os.path.join(workdir, LATEST_DIR)
   if not os.path.isdir(path):
     return None
-  mngr = ocp.CheckpointManager(os.path.abspath(path), item_names=("state", "meta"))
+  mngr = _open(os.path.abspath(path))
   step = mngr.latest_step()
   if step is None:
     return None
   return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
-def _flatten(tree: Any) -> dict[str, Any]:
+def flatten(tree: Any) -> dict[str, Any]:
   return {"/".join(str(getattr(k, "key", k)) for k in path): v
           for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _unflatten_like(flat: dict[str, Any], like: Any) -> Any:
+def unflatten_like(flat: dict[str, Any], like: Any) -> Any:
   paths = jax.tree_util.tree_flatten_with_path(like)[0]
   leaves = [flat["/".join(str(getattr(k, "key", k)) for k in p)] for p, _ in paths]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
@@ -140,10 +140,26 @@ def find_checkpoint(path: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
   for d in (os.path.join(path, BEST_DIR), os.path.join(path, LATEST_DIR), path):
     if os.path.isdir(d):
-      steps = ocp.CheckpointManager(d, item_names=("state", "meta")).all_steps()
+      steps = _open(d).all_steps()
       if steps:
         return d, max(steps)
   raise CheckpointError(f"no checkpoint found under {path}")
+
+
+def _open(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory, item_names=("state", "meta"))
+
+
+def restore_variables(directory: str, step: int) -> tuple[Any, Any, dict]:
+  """(params, batch_stats, meta) of one checkpoint, read without a target: no optimizer state is needed
+  (its arrays are read and dropped), so inference works whatever optimizer trained the model."""
+  mngr = _open(directory)
+  try:
+    meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  except Exception as e:  # noqa: BLE001  (Orbax / TensorStore raise many types for bad files)
+    raise CheckpointError(f"{directory}/{step} is unreadable: {type(e).__name__}: {str(e)[:200]}") from None
+  return state.get("params", {}), state.get("batch_stats", {}), meta
 
 
 def restore_params(path: str, params: Any, batch_stats: Any) -> tuple[Any, Any, dict]:
@@ -154,13 +170,13 @@ def restore_params(path: str, params: Any, batch_stats: Any) -> tuple[Any, Any, 
   (params, batch_stats, report) with report = {"loaded": [...], "skipped": {path: reason}, "unused": [...]}.
   """
   directory, step = find_checkpoint(path)
-  mngr = ocp.CheckpointManager(directory, item_names=("state", "meta"))
-  saved = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  saved_params, saved_stats, _ = restore_variables(directory, step)
+  saved = {"params": saved_params, "batch_stats": saved_stats}
   report = {"checkpoint": f"{directory}/{step}", "loaded": [], "skipped": {}, "unused": []}
   out = []
   for name, target in (("params", params), ("batch_stats", batch_stats)):
-    src = _flatten(saved.get(name, {}))
-    dst = _flatten(target)
+    src = flatten(saved.get(name, {}))
+    dst = flatten(target)
     for k, v in dst.items():
       key = f"{name}/{k}"
       if k not in src:
@@ -171,5 +187,5 @@ def restore_params(path: str, params: Any, batch_stats: Any) -> tuple[Any, Any, 
         dst[k] = jax.numpy.asarray(src[k], dtype=v.dtype)
         report["loaded"].append(key)
     report["unused"] += [f"{name}/{k}" for k in src if k not in dst]
-    out.append(_unflatten_like(dst, target))
+    out.append(unflatten_like(dst, target))
   return out[0], out[1], report

@@ -1,131 +1,31 @@
-"""Evaluation of trained checkpoints: metrics with bootstrap CIs at operating thresholds, per-case
-predictions, and patient-level stratified k-fold cross-validation.
+"""--mode=eval and --mode=cv for every task.
 
-Thresholds are always chosen on the validation split and applied unchanged to the split being evaluated.
+eval: the best (or a given) checkpoint restored for inference (params and BatchNorm statistics only, with the
+model/data settings it was trained with), then the task's `run_eval` on a split. For classification,
+thresholds are chosen on the validation split and applied unchanged to the split being evaluated.
+
+cv: patient-grouped, label-stratified k-fold cross-validation over train+validation through the one loop.
 """
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
-import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lungct import checkpoint, metrics, train
-
-
-class Loaded(NamedTuple):
-  graphdef: Any
-  state: dict
-  predict: Any   # jitted (state, images) -> probabilities
-  mesh: Any
-  step: int
-
-
-def restore_state(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = ""):
-  """(graphdef, state, tx, mesh, checkpoint dir, step): ``checkpoint_path`` or the workdir's best, replicated."""
-  graphdef, state, tx = train.create_state(config, total_steps=1)
-  mesh = train.make_mesh()
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  directory, step = checkpoint.find_checkpoint(checkpoint_path or workdir)
-  mngr = checkpoint.ocp.CheckpointManager(directory, item_names=("state", "meta"))
-  state, _ = checkpoint.restore(mngr, state, step)
-  return graphdef, state, tx, mesh, directory, step
-
-
-def load_model(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "") -> Loaded:
-  """The model restored from ``checkpoint_path`` or the workdir's best checkpoint, ready to predict."""
-  graphdef, state, tx, mesh, _, step = restore_state(config, workdir, checkpoint_path)
-  _, predict = train.compile_steps(graphdef, tx, config, mesh)
-  return Loaded(graphdef, state, predict, mesh, step)
-
-
-def predict_split(config, predict, state, mesh, source) -> dict[str, np.ndarray]:
-  return train.predict_source(predict, state, mesh, source, config)
-
-
-def evaluate_predictions(val: dict, test: dict, *, n_boot: int = 1000, seed: int = 0,
-                         sensitivity_targets: Sequence[float] = (0.9, 0.95)) -> dict[str, Any]:
-  """Binary: metrics with patient-level bootstrap CIs at each operating point chosen on ``val``."""
-  points = metrics.operating_points(val["label"], val["prob"], targets=tuple(sensitivity_targets))
-  result = {"n": int(len(test["label"])), "n_positive": int(np.sum(test["label"] == 1)),
-            "n_patients": int(len(set(test["patient_id"].tolist()))), "operating_points": {}}
-  for name, threshold in points.items():
-    result["operating_points"][name] = {
-        "threshold": float(threshold),
-        "counts": metrics.confusion_counts(test["label"], (test["prob"] >= threshold).astype(int)),
-        "metrics": metrics.metrics_with_ci(test["label"], test["prob"], threshold,
-                                           groups=test["patient_id"], n_boot=n_boot, seed=seed)}
-  fpr, tpr, thr = metrics.roc_curve(test["label"], test["prob"])
-  result["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
-  result["calibration"] = {k: np.asarray(v).tolist() for k, v in metrics.calibration_bins(test["label"], test["prob"]).items()}
-  return result
-
-
-def write_predictions(path: str, pred: dict, threshold: float = 0.5) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    multiclass = pred["prob"].ndim == 2
-    if multiclass:
-      k = pred["prob"].shape[1]
-      w.writerow(["study_id", "patient_id", "grade", "predicted_grade"] + [f"prob_{i}" for i in range(k)])
-      for i in range(len(pred["prob"])):
-        w.writerow([pred["study_id"][i], pred["patient_id"][i], int(pred["grade"][i]),
-                    int(np.argmax(pred["prob"][i]))] + [f"{p:.6f}" for p in pred["prob"][i]])
-    else:
-      w.writerow(["study_id", "patient_id", "label", "probability", "prediction", "threshold"])
-      for i in range(len(pred["prob"])):
-        p = float(pred["prob"][i])
-        w.writerow([pred["study_id"][i], pred["patient_id"][i], int(pred["label"][i]), f"{p:.6f}",
-                    int(p >= threshold), threshold])
+from lungct import metrics, runtime, tasks, train
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str = "test",
-                        checkpoint_path: str = "") -> dict:
-  """--mode=eval: writes eval_<split>.json and predictions_<split>.csv in the workdir."""
-  m = load_model(config, workdir, checkpoint_path)
-  step = m.step
-  sources = train.data_sources(config)
-  val = predict_split(config, m.predict, m.state, m.mesh, sources["validation"])
-  test = val if split == "validation" else predict_split(config, m.predict, m.state, m.mesh, sources[split])
-  if config.data.label == "binary":
-    result = evaluate_predictions(val, test, n_boot=config.eval.n_boot, seed=config.seed,
-                                  sensitivity_targets=tuple(config.eval.sensitivity_targets))
-    threshold = result["operating_points"]["youden"]["threshold"]
-  else:
-    result = {"n": int(len(test["grade"])), "metrics": metrics.multiclass_metrics(test["grade"], test["prob"])}
-    threshold = 0.5
-  result.update(split=split, checkpoint_step=int(step))
-  with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-    json.dump(result, f, indent=2, default=_json_default)
-  write_predictions(os.path.join(workdir, f"predictions_{split}.csv"), test, threshold)
-  if config.data.label == "binary":
-    print(_summary_line(split, result))
-  print(f"Wrote {workdir}/eval_{split}.json and predictions_{split}.csv")
-  return result
-
-
-def _summary_line(split, result) -> str:
-  lines = [f"{split}: {result['n']} cases ({result['n_positive']} abnormal)"]
-  for name, op in result["operating_points"].items():
-    m = op["metrics"]
-    f = lambda k: f"{m[k]['value']:.3f} [{m[k]['lo']:.3f}, {m[k]['hi']:.3f}]"
-    lines.append(f"  {name:>14} (t={op['threshold']:.3f}): AUC {f('roc_auc')}  sens {f('sensitivity')}  "
-                 f"spec {f('specificity')}  acc {f('accuracy')}")
-  return "\n".join(lines)
-
-
-def _json_default(o):
-  if isinstance(o, np.generic):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
+                        checkpoint_path: str = "", explicit: Sequence[str] = ()) -> dict:
+  """--mode=eval: the task writes eval_<split>.json (and per-case files) in the workdir."""
+  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit,
+                                            num_outputs=tasks.num_outputs)
+  task = tasks.check_mode(predictor.config, "eval")
+  return task.run_eval(predictor, train.data_sources(predictor.config), workdir, split)
 
 
 # ----------------------------------------------------------------------------- cross-validation
@@ -182,14 +82,10 @@ def stratified_group_kfold(labels: Sequence[int], groups: Sequence[str], k: int,
   return [np.sort(np.asarray(f, dtype=np.int64)) for f in folds]
 
 
-def _read_labels(source, key: str) -> tuple[np.ndarray, np.ndarray]:
-  labels, groups = [], []
-  for i in range(len(source)):
-    ex = source[i]
-    labels.append(int(ex[key]))
-    pid = ex["patient_id"]
-    groups.append(pid.decode() if isinstance(pid, bytes) else str(pid))
-  return np.asarray(labels), np.asarray(groups)
+def _index(config, split: str) -> list[dict]:
+  """Ids and labels of a split, read without decoding volumes (the builder's split index)."""
+  from lungct.data import lung_ct
+  return lung_ct.split_index(lung_ct.prepare(config.data), split)
 
 
 def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -198,35 +94,40 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Each fold trains on k-1 folds, picks its best checkpoint on the held-out fold and reports metrics there.
   Writes cv_summary.json and cv_summary.md (mean ± std and per-fold values).
   """
+  tasks.check_mode(config, "cv")
   k = int(config.cv.folds)
   sources = train.data_sources(config)
   pool = Concat([sources["train"], sources["validation"]])
-  labels, groups = _read_labels(pool, train.label_key(config))
-  folds = stratified_group_kfold(labels, groups, k, seed=config.cv.seed)
+  rows = _index(config, "train") + _index(config, "validation")
+  key = "grade" if config.data.label == "grade" else "label"
+  folds = stratified_group_kfold([int(r[key]) for r in rows], [r["patient_id"] for r in rows], k,
+                                 seed=config.cv.seed)
   per_fold = []
   for i, held_out in enumerate(folds):
     rest = np.sort(np.concatenate([f for j, f in enumerate(folds) if j != i]))
     fold_dir = os.path.join(workdir, f"fold_{i}")
-    print(f"=== fold {i + 1}/{k}: {len(rest)} train / {len(held_out)} held-out volumes -> {fold_dir}")
-    fold_config = copy.deepcopy(config)
+    if runtime.is_main_process():
+      print(f"=== fold {i + 1}/{k}: {len(rest)} train / {len(held_out)} held-out volumes -> {fold_dir}")
     summary = train.train_and_evaluate(
-        fold_config, fold_dir,
+        copy.deepcopy(config), fold_dir,
         sources={"train": Subset(pool, rest), "validation": Subset(pool, held_out), "test": sources["test"]})
     per_fold.append({"fold": i, "n_train": len(rest), "n_heldout": len(held_out), **summary["validation"]})
-  keys = [k_ for k_ in ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1", "loss",
-                        "brier", "ece", "macro_roc_auc", "macro_sensitivity", "quadratic_kappa") if k_ in per_fold[0]]
-  table = {key: {"mean": float(np.nanmean([f[key] for f in per_fold])),
-                 "std": float(np.nanstd([f[key] for f in per_fold], ddof=1)) if k > 1 else 0.0,
-                 "per_fold": [f[key] for f in per_fold]} for key in keys}
+  keys = [key_ for key_, v in per_fold[0].items()
+          if key_ not in ("fold", "n_train", "n_heldout") and isinstance(v, (int, float))]
+  table = {key_: {"mean": float(np.nanmean([f[key_] for f in per_fold])),
+                  "std": float(np.nanstd([f[key_] for f in per_fold], ddof=1)) if k > 1 else 0.0,
+                  "per_fold": [f[key_] for f in per_fold]} for key_ in keys}
   out = {"folds": k, "per_fold": per_fold, "summary": table}
-  with open(os.path.join(workdir, "cv_summary.json"), "w") as f:
-    json.dump(out, f, indent=2, default=_json_default)
   md = [f"# {k}-fold cross-validation (patient-grouped, label-stratified)", "",
         "| metric | mean ± std | " + " | ".join(f"fold {i}" for i in range(k)) + " |",
         "|---|---|" + "---|" * k]
-  for key, v in table.items():
-    md.append(f"| {key} | {v['mean']:.3f} ± {v['std']:.3f} | " + " | ".join(f"{x:.3f}" for x in v["per_fold"]) + " |")
-  with open(os.path.join(workdir, "cv_summary.md"), "w") as f:
-    f.write("\n".join(md) + "\n")
-  print("\n".join(md))
+  for key_, v in table.items():
+    md.append(f"| {key_} | {v['mean']:.3f} ± {v['std']:.3f} | " + " | ".join(f"{x:.3f}" for x in v["per_fold"])
+              + " |")
+  if runtime.is_main_process():
+    with open(os.path.join(workdir, "cv_summary.json"), "w") as f:
+      json.dump(metrics.json_safe(out), f, indent=2, allow_nan=False)
+    with open(os.path.join(workdir, "cv_summary.md"), "w") as f:
+      f.write("\n".join(md) + "\n")
+    print("\n".join(md))
   return out

@@ -1,15 +1,17 @@
-"""Command line entry point.
+"""Command line entry point: flags -> (mode, task) -> one call.
 
     python -m lungct.main --config configs/default.py --workdir runs/demo [--mode=train] [--config.key=value ...]
 
-Modes: train (default) trains and evaluates; eval restores the best checkpoint and evaluates a split with
-confidence intervals at operating thresholds chosen on validation; cv runs patient-level k-fold cross-validation.
+Modes: train (default), eval, cv, predict, report; each task (`config.task`, see lungct/tasks) says which it
+supports, and an unsupported pair fails at start with one line. Several hosts: `--config`-independent
+environment, see `distributed_init`.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+from typing import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -19,35 +21,56 @@ config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (ge
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, metrics and reports.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "cv", "predict", "report"], "What to do.")
 flags.DEFINE_string("split", "test", "Split for --mode=eval.")
-flags.DEFINE_string("checkpoint", "", "--mode=eval/predict: a checkpoint folder or step; default the workdir's best.")
+flags.DEFINE_string("checkpoint", "", "--mode=eval/predict/report: a checkpoint folder or step; default the "
+                    "workdir's best.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def check_override_keys(argv: list[str]) -> None:
-  """Rejects `--config.a.b=v` for keys the config file does not define, naming the key (before any work)."""
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if path is None and "--config" in argv[:-1]:
-    path = argv[argv.index("--config") + 1]
-  if not path:
-    return
+def load_config_file(path: str):
+  """``configs/x.py[:arg]`` -> its get_config([arg]); SystemExit with one line if the file does not exist."""
   file, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("_lungct_config", file)
   if spec is None or not os.path.exists(file):
     sys.exit(f"error: --config={path}: no such config file")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
-  for a in argv:
-    if not a.startswith("--config."):
-      continue
-    key = a[len("--config."):].split("=", 1)[0]
-    node = config
-    for i, part in enumerate(key.split(".")):
-      if not hasattr(node, "keys") or part not in node.keys():
-        parent = "config." + ".".join(key.split(".")[:i]) if i else "config"
-        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a group)"
-        sys.exit(f"error: unknown config key config.{key} in {a!r}: {parent} has no {part!r}. Known: {known}")
-      node = node[part]
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_override_keys(argv: Sequence[str]) -> None:
+  """Rejects `--config.a.b=v` for keys the config file does not define, naming the key (before any work)."""
+  from lungct import config_check
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[list(argv).index("--config") + 1]
+  if not path:
+    return
+  try:
+    config_check.check_keys(load_config_file(path), config_check.override_keys(argv))
+  except config_check.ConfigError as e:
+    sys.exit(f"error: {e}")
+
+
+def distributed_init() -> None:
+  """Several processes (hosts): LUNGCT_DISTRIBUTED=1 plus either a cluster JAX detects itself (SLURM, Open MPI,
+  Kubernetes, TPU) or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (and optionally
+  JAX_LOCAL_DEVICE_IDS) in the environment."""
+  if not os.environ.get("LUNGCT_DISTRIBUTED"):
+    return
+  import jax
+  env = os.environ
+  kwargs = {}
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
+    if missing:
+      sys.exit(f"error: LUNGCT_DISTRIBUTED=1 with JAX_COORDINATOR_ADDRESS also needs {' and '.join(missing)}")
+    kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=int(env["JAX_NUM_PROCESSES"]),
+                  process_id=int(env["JAX_PROCESS_ID"]))
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    sys.exit(f"error: jax.distributed.initialize failed ({str(e).splitlines()[0]}); outside a cluster JAX "
+             f"detects, set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
 
 
 def main(argv):
@@ -55,40 +78,47 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch at INFO
-  import jax
-  if os.environ.get("LUNGCT_DISTRIBUTED"):  # multi-host: one process per host, coordinator from the environment
-    jax.distributed.initialize()
-  from lungct import checkpoint, config_check
-  from lungct.data import nifti
+  distributed_init()
+  from lungct import config_check
+  explicit = config_check.override_keys(sys.argv)
   try:
-    run(FLAGS.config, FLAGS.workdir)
-  except (config_check.ConfigError, checkpoint.CheckpointError, FloatingPointError, nifti.ScanError,
-          FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    run(FLAGS.config, FLAGS.workdir, FLAGS.mode, split=FLAGS.split, checkpoint_path=FLAGS.checkpoint,
+        explicit=explicit)
+  except known_errors() as e:
+    sys.exit(f"error: {str(e).strip()}")
 
 
-def run(config, workdir: str) -> None:
-  if FLAGS.mode in ("train", "eval") and config.get("task", "classify") == "segment":
-    from lungct import segment
-    if FLAGS.mode == "train":
-      segment.train_segmentation(config, workdir)
-    else:
-      segment.evaluate_segmentation(config, workdir, split=FLAGS.split, checkpoint_path=FLAGS.checkpoint)
-  elif FLAGS.mode == "train":
+def known_errors() -> tuple[type[BaseException], ...]:
+  """Errors that are the user's input, said in one line without a traceback."""
+  from lungct import checkpoint, config_check, tasks
+  from lungct.data import errors
+  return (config_check.ConfigError, tasks.TaskError, checkpoint.CheckpointError, FloatingPointError,
+          errors.DataError, FileNotFoundError)
+
+
+def run(config, workdir: str, mode: str = "train", *, split: str = "test", checkpoint_path: str = "",
+        explicit: Sequence[str] = ()):
+  """(mode, task) -> one call. ``explicit``: dotted config keys given on the command line (inference refuses
+  those that conflict with the checkpoint)."""
+  from lungct import tasks
+  tasks.check_mode(config, mode)
+  if mode == "train":
     from lungct import train
-    train.train_and_evaluate(config, workdir)
-  elif FLAGS.mode == "eval":
+    return train.train_and_evaluate(config, workdir)
+  if mode == "eval":
     from lungct import evaluate
-    evaluate.evaluate_checkpoint(config, workdir, split=FLAGS.split, checkpoint_path=FLAGS.checkpoint)
-  elif FLAGS.mode == "cv":
+    return evaluate.evaluate_checkpoint(config, workdir, split=split, checkpoint_path=checkpoint_path,
+                                        explicit=explicit)
+  if mode == "cv":
     from lungct import evaluate
-    evaluate.cross_validate(config, workdir)
-  elif FLAGS.mode == "predict":
+    return evaluate.cross_validate(config, workdir)
+  if mode == "predict":
     from lungct import predict
-    predict.predict_scans(config, workdir, checkpoint_path=FLAGS.checkpoint)
-  elif FLAGS.mode == "report":
+    return predict.predict_scans(config, workdir, checkpoint_path=checkpoint_path, explicit=explicit)
+  if mode == "report":
     from lungct import report
-    report.build_report(config, workdir, checkpoint_path=FLAGS.checkpoint)
+    return report.build_report(config, workdir, checkpoint_path=checkpoint_path, explicit=explicit)
+  raise tasks.TaskError(f"unknown --mode={mode}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import math
+
 import numpy as np
 from scipy import ndimage
 
@@ -640,3 +642,24 @@ def hausdorff95(pred: Any, true: Any, spacing: Sequence[float] = (1.0, 1.0, 1.0)
   d_pt = np.percentile(dist_to_true[surf_pred], 95)
   d_tp = np.percentile(dist_to_pred[surf_true], 95)
   return float(max(d_pt, d_tp))
+
+
+# ----------------------------------------------------------------------------- strict JSON
+
+JSON_NULL_NOTE = ("null marks a value that is undefined for these data (e.g. ROC-AUC of a split with one class, "
+                  "HD95 with nothing predicted); strict JSON has no not-a-number value.")
+
+
+def json_safe(obj: Any) -> Any:
+  """numpy -> Python, NaN/inf -> None, recursively: output for ``json.dump(..., allow_nan=False)``."""
+  if isinstance(obj, dict):
+    return {str(k): json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return json_safe(obj.tolist())
+  if isinstance(obj, np.generic):
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj

@@ -1,7 +1,8 @@
-"""--mode=predict: raw NIfTI scans -> probability, decision and a Grad-CAM overlay per scan.
+"""--mode=predict: raw scans -> probability, decision and a Grad-CAM overlay per scan (classification).
 
-Scans go through `preprocess.preprocess_scan`, the same function the dataset build uses, so a scan seen
-here is exactly what the model saw in training. A scan that cannot be read is reported and skipped.
+The model is restored for inference with the data settings it was trained with, and each scan goes through
+`preprocess.model_input`, the function the dataset build stores examples with: the model sees here exactly the
+values it saw in training. A scan that cannot be read is reported and skipped.
 """
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import csv
 import glob
 import json
 import os
+import re
+from typing import Sequence
 
-import jax
 import ml_collections
 import numpy as np
 
-from lungct import evaluate, interpret, train, viz
+from lungct import interpret, runtime, tasks, viz
 from lungct.data import nifti, preprocess
 
 SCAN_PATTERNS = ("*.nii", "*.nii.gz")
@@ -31,6 +33,18 @@ def list_scans(path: str) -> list[str]:
   return [path]
 
 
+def output_name(path: str, root: str) -> str:
+  """A file name unique to ``path`` under ``root``: its relative path with separators as '__'
+  (``a/scan.nii.gz`` -> ``a__scan.nii.gz``, distinct from ``b/scan.nii.gz`` and ``a/scan.nii``)."""
+  rel = os.path.relpath(path, root) if os.path.isdir(root) else os.path.basename(path)
+  return re.sub(r"[^A-Za-z0-9._-]", "_", rel.replace(os.sep, "__"))
+
+
+def scan_input(path: str, data_cfg) -> np.ndarray:
+  """float32 (D, H, W, 1): the model input for the scan at ``path`` (nifti.ScanError if it cannot be used)."""
+  return preprocess.model_input(nifti.load_scan(path), data_cfg)
+
+
 def choose_threshold(config: ml_collections.ConfigDict, workdir: str) -> tuple[float, str]:
   """config.predict.threshold if set (>= 0); else the Youden threshold --mode=eval chose on validation; else 0.5."""
   if config.predict.threshold >= 0:
@@ -43,42 +57,54 @@ def choose_threshold(config: ml_collections.ConfigDict, workdir: str) -> tuple[f
   return 0.5, "default 0.5 (run --mode=eval first to choose one on validation)"
 
 
-def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "") -> list[dict]:
+def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
+                  explicit: Sequence[str] = ()) -> list[dict]:
+  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit,
+                                            num_outputs=tasks.num_outputs)
+  config = predictor.config
+  task = tasks.check_mode(config, "predict")
   if config.data.label != "binary":
-    raise NotImplementedError("--mode=predict covers binary models (config.data.label='binary')")
+    raise tasks.TaskError("--mode=predict covers binary classifiers (config.data.label='binary')")
   files = list_scans(config.predict.input)
-  m = evaluate.load_model(config, workdir, checkpoint_path)
+  v = predictor.variables
+  apply = task.make_apply(v.graphdef, predictor.mesh, config)
   threshold, why = choose_threshold(config, workdir)
   out_dir = os.path.join(workdir, "predictions")
-  os.makedirs(out_dir, exist_ok=True)
-  print(f"Decision threshold {threshold:.3f} ({why}).")
+  main = runtime.is_main_process()
+  if main:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"Checkpoint {predictor.checkpoint}; data prepared as in training: shape {tuple(config.data.shape)}, "
+          f"HU window {tuple(config.data.hu_window)}. Decision threshold {threshold:.3f} ({why}).")
   rows = []
-  n = jax.device_count()
+  n = runtime.data_size(predictor.mesh)
   for path in files:
     try:
-      scan = nifti.load_scan(path)
+      image = scan_input(path, config.data)[None]
     except nifti.ScanError as e:
       print(f"SKIPPED {e}")
       rows.append({"file": path, "probability": "", "decision": "", "error": e.reason})
       continue
-    pre = preprocess.preprocess_scan(scan, config.data)
-    image = pre["image"][None, ..., None].astype(np.float32)
-    batch = np.repeat(image, n, axis=0)  # one copy per device keeps the batch shardable
-    prob = float(np.asarray(m.predict(m.state, train.to_global(m.mesh, train.host_slice(batch))))[0])
-    cam = np.asarray(interpret.grad_cam(m.graphdef, m.state["params"], m.state["batch_stats"], image,
-                                   layer=config.eval.gradcam_layer or None))[0]
+    batch = np.repeat(image, n, axis=0)  # one copy per batch shard keeps the batch shardable
+    prob = float(runtime.fetch(apply(v.params, v.batch_stats,
+                                     runtime.to_global(predictor.mesh, runtime.host_slice(batch))))[0])
     decision = "abnormal" if prob >= threshold else "normal"
-    name = os.path.basename(path).replace(".nii.gz", "").replace(".nii", "")
-    png = os.path.join(out_dir, f"{name}_gradcam.png")
-    viz.save(viz.overlay_slices(pre["image"], cam, num_slices=6,
-                                title=f"{name}: P(abnormal)={prob:.3f} -> {decision} (t={threshold:.2f}); Grad-CAM"), png)
-    print(f"{path}: P(abnormal) = {prob:.3f} -> {decision}   overlay: {png}")
-    rows.append({"file": path, "probability": f"{prob:.6f}", "decision": decision, "error": ""})
-  csv_path = os.path.join(workdir, "predictions.csv")
-  with open(csv_path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=["file", "probability", "decision", "error"])
-    w.writeheader()
-    w.writerows(rows)
-  skipped = sum(1 for r in rows if r["error"])
-  print(f"{len(rows) - skipped} scans predicted, {skipped} skipped; wrote {csv_path}")
+    row = {"file": path, "probability": f"{prob:.6f}", "decision": decision, "error": ""}
+    if main:
+      cam = np.asarray(interpret.grad_cam(v.graphdef, v.params, v.batch_stats, image,
+                                          layer=config.eval.gradcam_layer or None))[0]
+      name = output_name(path, config.predict.input)
+      png = os.path.join(out_dir, f"{name}_gradcam.png")
+      viz.save(viz.overlay_slices(image[0, ..., 0], cam, num_slices=6,
+                                  title=f"{name}: P(abnormal)={prob:.3f} -> {decision} (t={threshold:.2f}); "
+                                        f"Grad-CAM"), png)
+      print(f"{path}: P(abnormal) = {prob:.3f} -> {decision}   overlay: {png}")
+    rows.append(row)
+  if main:
+    csv_path = os.path.join(workdir, "predictions.csv")
+    with open(csv_path, "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=["file", "probability", "decision", "error"])
+      w.writeheader()
+      w.writerows(rows)
+    skipped = sum(1 for r in rows if r["error"])
+    print(f"{len(rows) - skipped} scans predicted, {skipped} skipped; wrote {csv_path}")
   return rows

@@ -10,26 +10,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import default  # noqa: E402
+from lungct import config_check  # noqa: E402
 
 
-def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
-  """A seconds-long config: 24 phantoms at 48^3, a narrow tutorial CNN, no progress bar."""
-  c = default.get_config()
-  c.data.data_dir = str(data_dir)
-  c.data.num_scans = 24
-  c.data.shape = (48, 48, 48)
-  c.data.num_threads = 1
-  c.model.features = (4, 8, 8, 16)
-  c.model.dense = 16
-  c.train.batch_size = 4
-  c.train.num_epochs = 1
-  c.train.log_every_steps = 2
-  c.train.progress_bar = False
-  c.eval.n_boot = 50
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+def tiny_config(data_dir: str, base: ml_collections.ConfigDict | None = None, **overrides
+                ) -> ml_collections.ConfigDict:
+  """A seconds-long config: 24 phantoms at 48^3, a narrow tutorial CNN, no progress bar.
+
+  ``overrides`` are dotted keys, e.g. ``tiny_config(d, **{"train.num_steps": 4})``; ``base`` (default: the
+  default config) lets other configs (segmentation, grades) shrink the same way.
+  """
+  c = base if base is not None else default.get_config()
+  small = {"data.data_dir": str(data_dir), "data.num_scans": 24, "data.shape": (48, 48, 48),
+           "loader.num_threads": 1, "train.batch_size": 4, "train.num_epochs": 1, "train.log_every_steps": 2,
+           "train.progress_bar": False, "eval.n_boot": 50}
+  if c.model.name == "cnn3d":
+    small.update({"model.features": (4, 8, 8, 16), "model.dense": 16})
+  return config_check.apply_overrides(c, {**small, **overrides})

@@ -5,6 +5,7 @@ import shlex
 import pytest
 
 from experiments import ablations, run
+from lungct import config_check
 
 # Explicit micro sizes: the ablations' base config is the full default size (160 phantoms at 48x64x64).
 TINY = ["--set", "data.num_scans=24", "--set", "data.shape=(48, 48, 48)", "--set", "model.features=(4, 8, 8, 16)",
@@ -41,8 +42,8 @@ def test_micro_sweep_writes_the_table(tmp_path):
 def test_every_variant_override_names_a_config_key():
   for name, ablation in ablations.ABLATIONS.items():
     for variant, overrides in ablation.variants:
-      c = ablations.apply(ablations.base_config(), {**ablation.common, **overrides})
+      c = config_check.apply_overrides(ablations.base_config(), {**ablation.common, **overrides})
       if c.init_from:
         assert c.init_from[1:] in ablation.requires, (name, variant)
-  with pytest.raises(KeyError, match="model.nope"):
-    ablations.apply(ablations.base_config(), {"model.nope": 1})
+  with pytest.raises(config_check.ConfigError, match="model.nope"):
+    config_check.apply_overrides(ablations.base_config(), {"model.nope": 1})

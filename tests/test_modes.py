@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from lungct import evaluate, predict, report, train
+from lungct import config_check, evaluate, predict, report, runtime, tasks, train
 from lungct.data import nifti, phantom
 from tests.helpers import tiny_config
 
@@ -29,7 +29,7 @@ def test_eval_writes_metrics_with_cis_and_predictions(trained):
   assert op["threshold"] == 0.5
   for name in ("accuracy", "sensitivity", "specificity", "roc_auc", "ppv", "npv", "f1", "brier", "ece"):
     m = op["metrics"][name]
-    if np.isfinite(m["value"]):
+    if m["value"] is not None:  # null: undefined on this split (strict JSON)
       assert m["lo"] <= m["value"] + 1e-9 and m["value"] <= m["hi"] + 1e-9
   rows = list(csv.DictReader(open(os.path.join(workdir, "predictions_test.csv"))))
   assert len(rows) == saved["n"] == result["n"]
@@ -44,22 +44,42 @@ def test_eval_writes_metrics_with_cis_and_predictions(trained):
 def test_predict_scans_and_skips_bad_files(trained, tmp_path):
   c, workdir = trained
   ph = phantom.make_phantom(3, 2, shape_xyz=(64, 64, 48))
-  good = phantom.write_phantom_nifti(ph, str(tmp_path / "scans" / "good.nii.gz"))
+  good = phantom.write_phantom_nifti(ph, str(tmp_path / "scans" / "a" / "good.nii.gz"))
+  phantom.write_phantom_nifti(ph, str(tmp_path / "scans" / "b" / "good.nii.gz"))  # same base name elsewhere
   (tmp_path / "scans" / "broken.nii.gz").write_bytes(b"not a nifti file")
   c = c.copy_and_resolve_references()
   c.predict.input = str(tmp_path / "scans")
   rows = predict.predict_scans(c, workdir)
-  by_name = {os.path.basename(r["file"]): r for r in rows}
+  by_name = {os.path.relpath(r["file"], tmp_path / "scans"): r for r in rows}
   assert by_name["broken.nii.gz"]["error"] and by_name["broken.nii.gz"]["probability"] == ""
-  p = float(by_name["good.nii.gz"]["probability"])
-  assert 0 <= p <= 1 and by_name["good.nii.gz"]["decision"] in ("normal", "abnormal")
-  assert os.path.getsize(os.path.join(workdir, "predictions", "good_gradcam.png")) > 1000
-  # The same scan through the dataset path gives the same probability (same preprocessing).
-  m = evaluate.load_model(c, workdir)
-  from lungct.data import preprocess
-  image = preprocess.preprocess_scan(nifti.load_scan(good), c.data)["image"][None, ..., None]
-  direct = float(np.asarray(m.predict(m.state, train.to_global(m.mesh, image)))[0])
-  assert abs(direct - p) < 1e-5
+  p = float(by_name["a/good.nii.gz"]["probability"])
+  assert 0 <= p <= 1 and by_name["a/good.nii.gz"]["decision"] in ("normal", "abnormal")
+  assert by_name["b/good.nii.gz"]["probability"] == by_name["a/good.nii.gz"]["probability"]
+  pngs = sorted(os.listdir(os.path.join(workdir, "predictions")))
+  assert pngs == ["a__good.nii.gz_gradcam.png", "b__good.nii.gz_gradcam.png"]  # no overwriting
+  assert os.path.getsize(os.path.join(workdir, "predictions", pngs[0])) > 1000
+
+
+def test_inference_takes_data_and_model_settings_from_the_checkpoint(trained):
+  c, workdir = trained
+  other = c.copy_and_resolve_references()
+  other.data.shape = (48, 64, 64)           # e.g. the config file's default, not what the model was trained at
+  other.model.dense = 32
+  m = runtime.restore_for_inference(other, workdir, num_outputs=tasks.num_outputs)
+  assert tuple(m.config.data.shape) == tuple(c.data.shape) and m.config.model.dense == c.model.dense
+  with pytest.raises(config_check.ConfigError, match="data.shape"):  # said explicitly: refused, one line
+    runtime.restore_for_inference(other, workdir, explicit=["data.shape"], num_outputs=tasks.num_outputs)
+
+
+def test_eval_survives_a_changed_optimizer_schedule_and_freeze(trained, tmp_path):
+  c, workdir = trained
+  before = evaluate.evaluate_checkpoint(c, workdir, split="validation")
+  other = c.copy_and_resolve_references()
+  other.train.optimizer = "sgd"
+  other.train.schedule = "warmup_cosine"
+  other.freeze = ("blocks/0/.*",)
+  after = evaluate.evaluate_checkpoint(other, workdir, split="validation")
+  assert after["operating_points"]["youden"] == before["operating_points"]["youden"]
 
 
 def test_report_is_self_contained_html(trained):

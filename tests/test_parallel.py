@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from lungct import train
+    from lungct import runtime, train
+    from lungct.tasks import classify
     from tests.helpers import tiny_config
     assert jax.device_count() == 8, jax.devices()
     c = tiny_config("/nonexistent", **{"train.batch_size": 8, "model.conv_impl": sys.argv[1]})
@@ -26,14 +26,14 @@ SCRIPT = textwrap.dedent("""
     labels = np.array([0, 1] * 4, np.int32)
     results, init = [], None
     for n in (1, 8):
-      mesh = train.make_mesh(jax.devices()[:n])
+      mesh = runtime.make_mesh(c, jax.devices()[:n])
       graphdef, state, tx = train.create_state(c, 10)
       init = jax.tree.map(np.asarray, state["params"])
-      state = jax.device_put(state, NamedSharding(mesh, P()))
-      step, _ = train.compile_steps(graphdef, tx, c, mesh)
-      x = train.to_global(mesh, images)
+      state = jax.device_put(state, runtime.replicated(mesh))
+      step, _ = train.compile_steps(graphdef, tx, classify, c, mesh)
+      x = runtime.to_global(mesh, images)
       assert len(x.sharding.device_set) == n
-      new, m = step(state, x, train.to_global(mesh, labels), jax.random.PRNGKey(0))
+      new, m = step(state, {"image": x, "target": runtime.to_global(mesh, labels)}, jax.random.PRNGKey(0))
       results.append((float(m["loss"]), float(m["grad_norm"]), jax.tree.map(np.asarray, new)))
     (l1, g1, s1), (l8, g8, s8) = results
     print("loss", l1, l8, "grad norm", g1, g8)

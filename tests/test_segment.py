@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lungct import models, segment
+from configs import unet_seg
+from lungct import evaluate, main, models, tasks, train
+from lungct.tasks import segment
 from tests.helpers import tiny_config
 
 
@@ -113,26 +115,24 @@ def test_random_patches_prefers_lesions():
   assert x.shape == (2, 4, 4, 4, 1) and np.all(x[:, 3] == 0)  # depth 3 < 4: zero-padded
 
 
-def test_short_training_run(tmp_path):
-  c = tiny_config(tmp_path / "tfds")
-  c.task = "segment"
-  c.data.num_scans = 12
-  c.data.shape = (16, 32, 32)
-  c.model.name = "unet3d"
-  c.model.features = (4, 8)
-  c.model.dropout = 0.0
-  c.data.augment.enabled = False
-  c.train.num_epochs = 0
-  c.train.num_steps = 16
-  c.train.eval_every_steps = 8
-  c.train.log_every_steps = 4
-  c.train.learning_rate = 1e-2
-  c.train.schedule = "constant"
-  c.seg = ml_collections.ConfigDict({
-      "patch": (16, 16, 16), "pos_fraction": 0.75, "roi": (), "overlap": 0.5, "mode": "gaussian",
-      "sw_batch_size": 2, "threshold": 0.5, "lambda_dice": 1.0, "lambda_ce": 1.0, "num_overlays": 2})
-  workdir = str(tmp_path / "run")
-  summary = segment.train_segmentation(c, workdir)
+def seg_config(data_dir, **overrides):
+  """The segmentation config (configs/unet_seg.py) shrunk to seconds."""
+  return tiny_config(data_dir, base=unet_seg.get_config(), **{
+      "data.num_scans": 12, "data.shape": (16, 32, 32), "model.features": (4, 8), "augment.enabled": False,
+      "train.num_epochs": 0, "train.num_steps": 16, "train.eval_every_steps": 8, "train.log_every_steps": 4,
+      "train.learning_rate": 1e-2, "segment.patch": (16, 16, 16), "segment.pos_fraction": 0.75,
+      "segment.sw_batch_size": 2, "segment.num_overlays": 2, **overrides})
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory):
+  c = seg_config(tmp_path_factory.mktemp("tfds"))
+  workdir = str(tmp_path_factory.mktemp("seg"))
+  return c, workdir, train.train_and_evaluate(c, workdir)
+
+
+def test_short_training_run(seg_run):
+  c, workdir, summary = seg_run
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   losses = [r["train/loss"] for r in records if "train/loss" in r]
   # Observed 1.70, 1.61, 1.55, 1.50 (Dice part 0.981 -> 0.977): BCE learns the background first.
@@ -142,9 +142,30 @@ def test_short_training_run(tmp_path):
   for split in ("validation", "test"):
     for key in ("dice", "iou", "hd95", "fp_ml_lesion_free", "num_lesion_cases"):
       assert key in m[split]
-  assert m["steps"] == summary["steps"] == 16
+  assert m["steps"] == summary["steps"] == 16 and m["task"] == "segment"
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "8"]
-  result = segment.evaluate_segmentation(c, workdir, split="validation")
+  assert os.listdir(os.path.join(workdir, "best")) == [str(m["best_step"])]
+  result = evaluate.evaluate_checkpoint(c, workdir, split="validation")
   saved = json.load(open(os.path.join(workdir, "eval_validation.json")))
   assert len(saved["cases"]) == len(result["cases"]) > 0
+  assert saved["summary"]["dice"] == pytest.approx(m["validation"]["dice"])  # same checkpoint, same numbers
   assert all(os.path.exists(p) for p in result["overlays"])
+
+
+@pytest.mark.parametrize("mode", ["predict", "report"])
+def test_unsupported_modes_fail_at_start_with_one_line(mode, tmp_path):
+  c = seg_config(tmp_path / "tfds")
+  with pytest.raises(tasks.TaskError, match=f"--mode={mode} is not supported by config.task='segment'"):
+    main.run(c, str(tmp_path / "run"), mode)
+  assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "tfds")  # no work was done
+
+
+def test_segmentation_cross_validation_runs_through_the_loop(seg_run, tmp_path):
+  c, _, _ = seg_run
+  c = c.copy_and_resolve_references()
+  c.cv.folds = 2
+  c.train.num_steps = 2
+  c.train.eval_every_steps = 2
+  out = evaluate.cross_validate(c, str(tmp_path))
+  assert len(out["per_fold"]) == 2 and "dice" in out["summary"]
+  assert all(0 <= f["dice"] <= 1 for f in out["per_fold"] if f["dice"] is not None and np.isfinite(f["dice"]))

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from lungct import config_check, train
+from lungct import config_check, runtime, tasks, train
 from tests.helpers import tiny_config
 
 
@@ -16,14 +16,14 @@ def data_dir(tmp_path_factory):
 
 
 def _params(workdir, config):
-  from lungct import evaluate
-  m = evaluate.load_model(config, workdir, os.path.join(workdir, "checkpoints"))
-  return m.step, jax.tree.map(np.asarray, m.state["params"])
+  m = runtime.restore_for_inference(config, workdir, os.path.join(workdir, "checkpoints"),
+                                    num_outputs=tasks.num_outputs)
+  return m.step, jax.tree.map(np.asarray, m.variables.params)
 
 
 def test_loss_goes_down_and_files_written(data_dir, tmp_path):
   c = tiny_config(data_dir)
-  c.data.augment.enabled = False
+  c.augment.enabled = False
   c.model.dropout = 0.0
   c.train.num_epochs = 0
   c.train.num_steps = 30
@@ -36,7 +36,10 @@ def test_loss_goes_down_and_files_written(data_dir, tmp_path):
   assert len(losses) == 6
   assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
   assert summary["steps"] == 30
-  m = json.load(open(tmp_path / "metrics.json"))
+  text = open(tmp_path / "metrics.json").read()
+  assert "NaN" not in text and "Infinity" not in text  # strict JSON: undefined values are null, and it says so
+  m = json.loads(text, parse_constant=lambda const: pytest.fail(f"non-strict JSON constant {const}"))
+  assert "null" in m["note"]
   for key in ("accuracy", "sensitivity", "specificity", "roc_auc", "tp", "fp", "tn", "fn"):
     assert key in m["validation"] and key in m["test"]
   assert os.listdir(tmp_path / "tensorboard")
@@ -70,15 +73,25 @@ def test_resume_refuses_a_different_config(data_dir, tmp_path):
     ("train.batch_size", 3, "train.batch_size"),
     ("train.learning_rate", -1.0, "train.learning_rate"),
     ("data.shape", (16, 16, 16), "data.shape"),
-    ("model.name", "cnn3d", None),
+    ("model.padding", "SAME", None),          # the too-small-input advice names an existing key
+    ("model.name", "resnet3d", "model.dense is not an option of resnet3d"),
 ])
 def test_config_validation_names_the_key(key, value, message, tmp_path):
   c = tiny_config(tmp_path, **{key: value})
   if message is None:
-    config_check.validate(c, num_devices=2)
+    config_check.validate(c, num_devices=2, input_shape=(16, 16, 16))  # SAME padding fits 16^3
+    with pytest.raises(config_check.ConfigError, match="too small"):
+      config_check.validate(tiny_config(tmp_path), num_devices=2, input_shape=(16, 16, 16))
     return
   with pytest.raises(config_check.ConfigError, match=message.replace(".", r"\.")):
     config_check.validate(c, num_devices=2)
+
+
+def test_too_small_error_advises_a_key_that_exists(tmp_path):
+  with pytest.raises(ValueError, match="model.padding='SAME'") as e:
+    config_check.validate(tiny_config(tmp_path, **{"data.shape": (16, 16, 16)}), num_devices=1)
+  config_check.check_keys(tiny_config(tmp_path), ["model.padding"])  # the advice can be followed
+  assert "config.model.padding" in str(e.value) or "model.padding" in str(e.value)
 
 
 def test_freeze_keeps_matching_parameters_fixed(data_dir, tmp_path):
@@ -111,9 +124,9 @@ def _first_block(tree):
 
 def test_precise_bn_running_stats_are_the_mean_of_batch_stats():
   c = tiny_config("/nonexistent")
-  graphdef, state, _ = train.create_state(c, 1)
-  mesh = train.make_mesh(jax.devices()[:1])
-  recal = train.compile_recalibration(graphdef, mesh)
+  graphdef, state, tx = train.create_state(c, 1)
+  mesh = runtime.make_mesh(c, jax.devices()[:1])
+  _, recal = train.compile_steps(graphdef, tx, None, c, mesh)
   rng = np.random.default_rng(0)
   a, b = (rng.random((4, *c.data.shape, 1), dtype=np.float32) for _ in range(2))
   copy = lambda s: jax.tree.map(lambda x: np.array(x), s)
@@ -126,3 +139,15 @@ def test_precise_bn_running_stats_are_the_mean_of_batch_stats():
   # The initial running stats (mean 0, var 1) play no part: k = 1 replaces them.
   init = jax.tree.leaves(state["batch_stats"])
   assert not np.allclose(jax.tree.leaves(only_a)[0], init[0])
+
+
+def test_best_step_on_a_tie_is_the_first_and_is_what_the_final_evaluation_uses(data_dir, tmp_path):
+  # A learning rate of ~0 keeps the predictions (and so the validation AUC) identical at every evaluation:
+  # a tie. The first step must stay best in metrics.json and in the best/ checkpoint the final eval uses.
+  c = tiny_config(data_dir, **{"train.num_epochs": 0, "train.num_steps": 4, "train.eval_every_steps": 2,
+                               "train.learning_rate": 1e-30, "train.precise_bn_batches": 0,
+                               "model.dropout": 0.0, "model.bn_momentum": 1.0, "augment.enabled": False})
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["best_step"] == 2
+  assert json.load(open(tmp_path / "metrics.json"))["best_step"] == 2
+  assert os.listdir(tmp_path / "best") == ["2"]

@@ -1,9 +1,15 @@
-"""Model registry: config.model.name -> Flax NNX module.
+"""Model registry: name -> Flax NNX module; the constructor's keyword defaults are the only defaults.
 
-    model = create_model(config.model, num_outputs=1, dtype=jnp.bfloat16,
-                         rngs=nnx.Rngs(config.seed))
+    config.model = model_config("cnn3d", features=(16, 16, 32, 64))   # name + every constructor option
+    model = create_model(config.model, num_outputs=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(config.seed))
     logits = model(x, train=True, dropout_key=key)  # float32 (B, num_outputs)
+
+`model_config` reads the options and their defaults from the constructor's signature, so every option can be
+overridden with `--config.model.<option>=...` and no default is written twice. `create_model` passes them as
+keyword arguments; a key the chosen model does not take (e.g. after `--config.model.name=resnet3d` on a cnn3d
+config) is an error naming the key.
 """
+import inspect
 from typing import Any
 
 from flax import nnx
@@ -16,16 +22,47 @@ from lungct.models.resnet3d import ResNet3D
 from lungct.models.unet3d import UNet3D
 
 MODELS = {"cnn3d": CNN3D, "resnet3d": ResNet3D, "unet3d": UNet3D}
+_NOT_OPTIONS = ("self", "num_outputs", "dtype", "rngs")
 
 
-def create_model(model_cfg: ml_collections.ConfigDict, *, num_outputs: int,
-                 dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
-  """Builds `MODELS[model_cfg.name]` with float32 params computing in `dtype`."""
-  name = model_cfg.name
+class ModelConfigError(ValueError):
+  """A config.model key or name the registry cannot use (message names the key)."""
+
+
+def _model_class(name: str):
   if name not in MODELS:
-    raise ValueError(f"unknown config.model.name {name!r}; known: {sorted(MODELS)}")
-  return MODELS[name].from_config(model_cfg, num_outputs=num_outputs,
-                                  dtype=jnp.dtype(dtype), rngs=rngs)
+    raise ModelConfigError(f"config.model.name={name!r} is not a model; known: {sorted(MODELS)}")
+  return MODELS[name]
+
+
+def options(name: str) -> dict[str, Any]:
+  """{option: default} of model `name`: the constructor's keyword arguments except num_outputs/dtype/rngs."""
+  params = inspect.signature(_model_class(name).__init__).parameters
+  return {k: p.default for k, p in params.items()
+          if k not in _NOT_OPTIONS and p.default is not inspect.Parameter.empty}
+
+
+def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """ConfigDict(name=name, **every option of the model with its default, **overrides)."""
+  opts = options(name)
+  unknown = sorted(set(overrides) - set(opts))
+  if unknown:
+    raise ModelConfigError(f"{name} has no option(s) {unknown}; options: {sorted(opts)}")
+  opts.update(overrides)
+  return ml_collections.ConfigDict({"name": name, **{k: tuple(v) if isinstance(v, list) else v
+                                                     for k, v in opts.items()}})
+
+
+def create_model(model_cfg: Any, *, num_outputs: int, dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds `MODELS[model_cfg.name]` with float32 params computing in `dtype`."""
+  cfg = dict(model_cfg.items()) if hasattr(model_cfg, "items") else dict(model_cfg)
+  name = cfg.pop("name")
+  opts = options(name)
+  unknown = sorted(set(cfg) - set(opts))
+  if unknown:
+    raise ModelConfigError(f"config.model.{unknown[0]} is not an option of {name} (options: {sorted(opts)})")
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+  return MODELS[name](**kwargs, num_outputs=num_outputs, dtype=jnp.dtype(dtype), rngs=rngs)
 
 
 def count_params(model: nnx.Module, *, include_batch_stats: bool = False) -> int:
@@ -38,4 +75,5 @@ def count_params(model: nnx.Module, *, include_batch_stats: bool = False) -> int
   return sum(int(leaf.size) for leaf in jax.tree.leaves(nnx.state(model, filt)))
 
 
-__all__ = ["MODELS", "CNN3D", "ResNet3D", "UNet3D", "create_model", "count_params"]
+__all__ = ["MODELS", "CNN3D", "ResNet3D", "UNet3D", "ModelConfigError", "create_model", "model_config",
+           "options", "count_params"]

@@ -11,7 +11,6 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from lungct.models import common
 
@@ -73,17 +72,6 @@ class CNN3D(nnx.Module):
                            dtype=dtype, param_dtype=common.PARAM_DTYPE, rngs=rngs)
     common.set_conv_impl(self, conv_impl)  # "xla" | "im2col": same parameters and outputs
 
-  @classmethod
-  def from_config(cls, model_cfg: ml_collections.ConfigDict, *, num_outputs: int,
-                  dtype: Any, rngs: nnx.Rngs) -> "CNN3D":
-    return cls(num_outputs=num_outputs, features=tuple(model_cfg.features),
-               dense=model_cfg.dense, dropout=model_cfg.dropout,
-               in_channels=model_cfg.get("in_channels", 1),
-               padding=model_cfg.get("padding", "VALID"),
-               bn_momentum=model_cfg.get("bn_momentum", 0.99),
-               remat=model_cfg.get("remat", False),
-               conv_impl=model_cfg.get("conv_impl", "xla"), dtype=dtype, rngs=rngs)
-
   def __call__(self, x: jax.Array, *, train: bool,
                dropout_key: jax.Array | None = None) -> jax.Array:
     """(B, D, H, W, C) -> float32 logits (B, num_outputs).
@@ -94,7 +82,7 @@ class CNN3D(nnx.Module):
       raise ValueError(
           f"CNN3D expects (B, D, H, W, C) with D, H, W >= {self.min_size} for "
           f"{len(self.blocks)} blocks with padding={self.padding!r}; got shape "
-          f"{tuple(x.shape)}. Use a larger data.shape or model.padding='SAME'.")
+          f"{tuple(x.shape)}. Use a larger config.data.shape or config.model.padding='SAME'.")
     for block in self.blocks:
       x = common.apply_block(block, x, train=train, remat=self.remat)
     x = jnp.mean(x, axis=(1, 2, 3))  # GlobalAveragePooling3D

@@ -171,3 +171,11 @@ def set_conv_impl(model: nnx.Module, impl: str) -> nnx.Module:
     if isinstance(module, nnx.Conv):
       module.conv_general_dilated = fn
   return model
+
+
+def set_bn_momentum(model: nnx.Module, momentum: float) -> nnx.Module:
+  """Sets the running-statistics momentum of every `nnx.BatchNorm` inside `model`."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, nnx.BatchNorm):
+      module.momentum = momentum
+  return model

@@ -12,7 +12,6 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from lungct.models import common
 
@@ -38,7 +37,8 @@ class UNet3D(nnx.Module):
 
   def __init__(self, *, num_outputs: int, features: Sequence[int] = (8, 16, 32, 64),
                dropout: float = 0.0, in_channels: int = 1, bn_momentum: float = 0.9,
-               remat: bool = False, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               remat: bool = False, conv_impl: str = "xla", dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
     features = tuple(int(f) for f in features)
     if len(features) < 2:
       raise ValueError(f"UNet3D needs at least 2 levels in model.features, got {features}")
@@ -57,14 +57,7 @@ class UNet3D(nnx.Module):
     self.dropout = nnx.Dropout(dropout)  # at the bottleneck; the key comes with each call
     self.head = nnx.Conv(features[0], num_outputs, (1, 1, 1), dtype=dtype,
                          param_dtype=common.PARAM_DTYPE, rngs=rngs)
-
-  @classmethod
-  def from_config(cls, model_cfg: ml_collections.ConfigDict, *, num_outputs: int,
-                  dtype: Any, rngs: nnx.Rngs) -> "UNet3D":
-    return cls(num_outputs=num_outputs, features=tuple(model_cfg.features),
-               dropout=model_cfg.get("dropout", 0.0), in_channels=model_cfg.get("in_channels", 1),
-               bn_momentum=model_cfg.get("bn_momentum", 0.9), remat=model_cfg.get("remat", False),
-               dtype=dtype, rngs=rngs)
+    common.set_conv_impl(self, conv_impl)  # "xla" | "im2col": same parameters and outputs
 
   def __call__(self, x: jax.Array, *, train: bool,
                dropout_key: jax.Array | None = None) -> jax.Array:

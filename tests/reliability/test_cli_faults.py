@@ -1,4 +1,6 @@
-"""Faults seen through the command line: NaN loss, bad config flags, unwritable or foreign workdirs."""
+"""Faults seen through the command line: NaN loss, bad config flags, unwritable or foreign workdirs.
+
+The NaN stop and the foreign-workdir refusal run for every task (they are guarantees of the shared loop)."""
 from __future__ import annotations
 
 import os
@@ -14,19 +16,22 @@ SHORT = ("--config.train.num_epochs=0", "--config.train.num_steps=8", "--config.
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("tfds")
-  _cli.build_dataset(d)
+  _cli.build_dataset("classify", d)
   return d
 
 
-@pytest.fixture(scope="module")
-def nan_run(data_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(_cli.TASKS))
+def nan_run(request, tmp_path_factory):
   """learning_rate=1e30: step 1 is finite (its gradients come from the initial weights), step 2 is not."""
-  w = tmp_path_factory.mktemp("nan")
-  return w, _cli.run(w, data_dir, *SHORT, "--config.train.learning_rate=1e30")
+  task = request.param
+  d = tmp_path_factory.mktemp(f"tfds_{task}")
+  _cli.build_dataset(task, d)
+  w = tmp_path_factory.mktemp(f"nan_{task}")
+  return task, d, w, _cli.run(task, w, d, *SHORT, "--config.train.learning_rate=1e30")
 
 
 def test_nan_loss_stops_naming_step_and_last_good_checkpoint(nan_run):
-  w, r = nan_run
+  _, _, w, r = nan_run
   assert r.returncode == 1
   assert (f"error: non-finite loss, gradients or parameters at step 2 (loss nan); stopped without "
           f"saving them. Last good checkpoint: {w}/checkpoints/1.") in r.stderr
@@ -35,25 +40,28 @@ def test_nan_loss_stops_naming_step_and_last_good_checkpoint(nan_run):
   assert step == 1 and all(np.isfinite(x).all() for x in leaves)
 
 
-def test_workdir_of_another_config_is_refused(nan_run, data_dir, tmp_path):
-  w, _ = nan_run
-  r = _cli.run(w, data_dir, *SHORT)  # default learning rate: a different experiment
+def test_workdir_of_another_config_is_refused(nan_run, tmp_path):
+  task, data_dir, w, _ = nan_run
+  default_lr = {"classify": "0.001", "segment": "0.001"}[task]
+  r = _cli.run(task, w, data_dir, *SHORT)  # default learning rate: a different experiment
   assert r.returncode == 1
-  assert "error: " in r.stderr and "Traceback" not in r.stderr and "holds a run with a different config (train.learning_rate: 1e+30 -> 0.001)" in r.stderr
-  r = _cli.run(w, data_dir, *SHORT, "--config.resume=false")
+  assert "error: " in r.stderr and "Traceback" not in r.stderr and f"holds a run with a different config (train.learning_rate: 1e+30 -> {default_lr})" in r.stderr
+  r = _cli.run(task, w, data_dir, *SHORT, "--config.resume=false")
   assert r.returncode == 1
   assert f"error: {w} already holds checkpoints and config.resume=False: use a new --workdir." in r.stderr
   assert sorted(os.listdir(w / "checkpoints")) == ["1"]  # untouched
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--config.train.nope=1", "error: unknown config key config.train.nope in '--config.train.nope=1': "
-                              "config.train has no 'nope'. Known: batch_size,"),
+    ("--config.train.nope=1", "error: unknown config key config.train.nope: config.train has no 'nope'. "
+                              "Known: batch_size,"),
+    ("--config.model.depth=18", "error: unknown config key config.model.depth: config.model has no 'depth'. "
+                                "Known: bn_momentum, conv_impl, dense,"),
     ("--config.train.batch_size=four", "flag --config.train.batch_size=four: invalid literal for int()"),
     ("--config.train.on_nan=ignore", "config.train.on_nan='ignore': must be one of ('stop', 'skip')"),
 ])
 def test_bad_config_flags_fail_at_start(flag, message, data_dir, tmp_path):
-  r = _cli.run(tmp_path / "w", data_dir, flag, timeout=60)
+  r = _cli.run("classify", tmp_path / "w", data_dir, flag, timeout=60)
   assert r.returncode == 1 and message in r.stderr, r.stderr[-2000:]
   assert not (tmp_path / "w").exists()
 
@@ -61,7 +69,15 @@ def test_bad_config_flags_fail_at_start(flag, message, data_dir, tmp_path):
 def test_unwritable_workdir_is_a_checkpoint_error(data_dir, tmp_path):
   # Root ignores chmod 0o555, so make the workdir a path below a regular file: fails for every user.
   (tmp_path / "file").write_text("x")
-  r = _cli.run(tmp_path / "file" / "run", data_dir, *SHORT, timeout=60)
+  r = _cli.run("classify", tmp_path / "file" / "run", data_dir, *SHORT, timeout=60)
   assert r.returncode == 1
   assert f"error: cannot write checkpoints to {tmp_path}/file/run: Not a directory" in r.stderr
   assert "Traceback" not in r.stderr
+
+
+def test_mode_a_task_does_not_support_fails_at_start(data_dir, tmp_path):
+  r = _cli.run("segment", tmp_path / "w", data_dir, "--mode=report", timeout=60)
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1] == ("error: --mode=report is not supported by config.task='segment' "
+                                               "(it supports: train, eval, cv)")
+  assert not (tmp_path / "w").exists()

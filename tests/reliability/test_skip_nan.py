@@ -7,13 +7,14 @@ import numpy as np
 
 from tests.helpers import tiny_config
 from lungct import train
+from lungct.tasks import classify
 
 
 def test_skip_keeps_state_on_a_nan_batch_and_counts_it(tmp_path):
   c = tiny_config(tmp_path, **{"train.on_nan": "skip", "data.shape": (46, 46, 46),
-                               "data.augment.enabled": False})
+                               "augment.enabled": False})
   graphdef, state, tx = train.create_state(c, 10)
-  step = jax.jit(lambda s, x, y, k: train.train_step(graphdef, tx, c, s, x, y, k))
+  step = jax.jit(lambda s, x, y, k: train.train_step(graphdef, tx, classify, c, s, {"image": x, "target": y}, k))
   key, labels = jax.random.PRNGKey(0), jnp.asarray([0, 1, 0, 1])
   images = jax.random.uniform(jax.random.PRNGKey(1), (4, 46, 46, 46, 1))
   bad = images.at[2, 5, 5, 5, 0].set(jnp.nan)

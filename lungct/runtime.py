@@ -1,0 +1,217 @@
+"""The runtime layer: devices, meshes and shardings, global arrays, model variables, inference restore.
+
+Nothing here knows about a task (classification, segmentation) or an optimizer. The train loop, the tasks and
+the inference modes (eval, predict, report) build on it.
+
+* One `Mesh` with axes ("data", "space"): the batch is split over "data", the depth of every volume over
+  "space" (`config.mesh.space`, 1 = no spatial split). Model variables are replicated.
+* Each host holds its share of a global batch; `to_global` turns it into one sharded `jax.Array`.
+* `Variables` = (graphdef, params, batch_stats): a model split into its static graph and plain pytrees.
+* `restore_for_inference` reads params and BatchNorm statistics from a checkpoint (no optimizer state, so a
+  changed optimizer, schedule or freeze setting cannot break eval/predict/report), with the model, data and
+  task settings the checkpoint was trained with.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lungct import checkpoint, config_check, models
+
+AXES = ("data", "space")
+
+
+# ----------------------------------------------------------------------------- devices and meshes
+
+def is_main_process() -> bool:
+  """True on the process that writes files (logs, metrics, reports); every process takes part in compute."""
+  return jax.process_index() == 0
+
+
+def make_mesh(config: ml_collections.ConfigDict | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+  """A (data, space) mesh over ``devices`` (default: every device of every host).
+
+  ``config.mesh.space`` devices split each volume's depth; the rest split the batch.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  space = int(config.mesh.get("space", 1)) if config is not None and "mesh" in config else 1
+  if space < 1 or len(devices) % space:
+    raise config_check.ConfigError(
+        f"config.mesh.space={space}: must divide the device count ({len(devices)})")
+  return Mesh(np.asarray(devices).reshape(len(devices) // space, space), AXES)
+
+
+def data_size(mesh: Mesh) -> int:
+  """How many ways the batch is split."""
+  return mesh.shape["data"]
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Arrays of rank ``ndim`` with a leading batch axis: volumes (B, D, H, W, C) split over (data, space),
+  anything else (labels) over data."""
+  return NamedSharding(mesh, P("data", "space") if ndim == 5 else P("data"))
+
+
+def to_global(mesh: Mesh, local: np.ndarray) -> jax.Array:
+  """This host's share of a global batch -> one array sharded over the mesh (volumes also over space)."""
+  local = np.asarray(local)
+  return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local)
+
+
+def host_slice(global_batch: np.ndarray) -> np.ndarray:
+  """This host's contiguous share of a global batch (every host reads the same evaluation batch)."""
+  n = global_batch.shape[0] // jax.process_count()
+  return global_batch[jax.process_index() * n:(jax.process_index() + 1) * n]
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+  """A (replicated or fully addressable) device array as numpy on this host."""
+  return np.asarray(jax.device_get(x))
+
+
+# ----------------------------------------------------------------------------- model variables
+
+class Variables(NamedTuple):
+  """A model as its static graph plus plain pytrees: what inference needs and nothing more."""
+  graphdef: nnx.GraphDef
+  params: Any
+  batch_stats: Any
+
+
+def init_variables(config: ml_collections.ConfigDict, num_outputs: int) -> Variables:
+  """A freshly initialised model (seed ``config.seed``), split into (graphdef, params, batch_stats)."""
+  try:
+    model = models.create_model(config.model, num_outputs=num_outputs, dtype=jnp.dtype(config.dtype),
+                                rngs=nnx.Rngs(params=config.seed))
+  except models.ModelConfigError as e:
+    raise config_check.ConfigError(str(e)) from None
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return Variables(graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats))
+
+
+def merge(graphdef: nnx.GraphDef, params: Any, batch_stats: Any) -> nnx.Module:
+  return nnx.merge(graphdef, params, batch_stats)
+
+
+def pure_batch_stats(model: nnx.Module) -> Any:
+  """The BatchNorm running statistics of ``model`` as a plain pytree."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+
+def compile_apply(graphdef: nnx.GraphDef, mesh: Mesh, fn: Callable[[nnx.Module, jax.Array], jax.Array],
+                  *, split_batch: bool = True) -> Callable[[Any, Any, jax.Array], jax.Array]:
+  """jit of ``(params, batch_stats, images) -> fn(eval-mode model, images)``, output replicated.
+
+  ``split_batch``: images sharded over the mesh (their batch must divide ``data_size(mesh)``); else replicated.
+  """
+  repl = replicated(mesh)
+  images = batch_sharding(mesh, 5) if split_batch else repl
+  return jax.jit(lambda p, s, x: fn(merge(graphdef, p, s), x), in_shardings=(repl, repl, images),
+                 out_shardings=repl)
+
+
+class Predictor(NamedTuple):
+  """A restored model ready to run: ``apply(params, batch_stats, images)`` jitted over ``mesh``."""
+  variables: Variables
+  mesh: Mesh
+  config: ml_collections.ConfigDict   # the config the checkpoint was trained with (execution keys current)
+  step: int
+  checkpoint: str
+
+
+def predict_batches(apply, variables: Variables, mesh: Mesh, source, batch_size: int
+                    ) -> Iterator[tuple[np.ndarray, dict]]:
+  """(outputs of the valid examples, the decoded batch restricted to them) for every example of ``source``,
+  exactly once and in order; every host reads the same global batch and feeds its share."""
+  from lungct.data import pipeline
+  for batch in pipeline.eval_batches(source, batch_size):
+    out = fetch(apply(variables.params, variables.batch_stats, to_global(mesh, host_slice(batch["image"]))))
+    valid = np.asarray(batch["valid"], bool)
+    yield out[valid], {k: np.asarray(v)[valid] for k, v in batch.items() if k != "valid"}
+
+
+# ----------------------------------------------------------------------------- restore for inference
+
+def inference_config(current: ml_collections.ConfigDict, saved: dict, explicit: Sequence[str] = ()
+                     ) -> ml_collections.ConfigDict:
+  """``current`` with every experiment-defining key (task, model, data, dtype, task options) taken from the
+  checkpoint's ``saved`` config; execution keys (paths, loader, eval, predict, mesh...) stay current.
+
+  A key given explicitly on the command line (``explicit``, dotted, without "config.") that conflicts with
+  the checkpoint is a ConfigError: the model cannot see data prepared differently from what it learned on.
+  """
+  out = ml_collections.ConfigDict(current.to_dict())
+  flat_saved = config_check.flat(saved)
+  flat_now = config_check.flat(current.to_dict())
+  for key, value in flat_saved.items():
+    if not key.startswith(config_check.INFERENCE_FROM_CHECKPOINT) or config_check.is_execution_key(key):
+      continue
+    if key in explicit and config_check.norm(flat_now.get(key)) != config_check.norm(value):
+      raise config_check.ConfigError(
+          f"--config.{key}={flat_now.get(key)!r} conflicts with the checkpoint, trained with {key}={value!r}; "
+          f"drop the override (inference uses the checkpoint's settings)")
+    _set(out, key, value, flat_now.get(key))
+  return out
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any, like: Any) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for p in parents:
+    if p not in node:
+      node[p] = ml_collections.ConfigDict()
+    node = node[p]
+  if isinstance(like, tuple) or (isinstance(value, list) and not isinstance(like, list)):
+    value = tuple(value)
+  if leaf in node and type(node[leaf]) is not type(value):
+    del node[leaf]  # a ConfigDict field keeps its type; the checkpoint's value may have another (e.g. None)
+  node[leaf] = value
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
+                          explicit: Sequence[str] = (), *,
+                          num_outputs: Callable[[ml_collections.ConfigDict], int]) -> Predictor:
+  """The best (or ``checkpoint_path``) checkpoint's params and BatchNorm statistics, replicated on the mesh.
+
+  No optimizer is built or restored. Model, data and task settings come from the checkpoint
+  (`inference_config`), so eval/predict/report see data prepared as in training. ``num_outputs(config)``
+  (the task's) sizes the model's head for the checkpoint's config.
+  """
+  directory, step = checkpoint.find_checkpoint(checkpoint_path or workdir)
+  saved_params, saved_stats, meta = checkpoint.restore_variables(directory, step)
+  config = inference_config(config, meta.get("config", {}), explicit)
+  fresh = init_variables(config, num_outputs(config))
+  params = _same_tree(saved_params, fresh.params, f"{directory}/{step}", "params")
+  stats = _same_tree(saved_stats, fresh.batch_stats, f"{directory}/{step}", "batch_stats")
+  mesh = make_mesh(config)
+  params, stats = jax.device_put((params, stats), replicated(mesh))
+  return Predictor(Variables(fresh.graphdef, params, stats), mesh, config, int(step), f"{directory}/{step}")
+
+
+def _same_tree(saved: Any, like: Any, where: str, name: str) -> Any:
+  """``saved`` laid out like ``like`` (same paths and shapes), in ``like``'s dtypes; else CheckpointError."""
+  flat_saved, flat_like = checkpoint.flatten(saved), checkpoint.flatten(like)
+  missing = sorted(set(flat_like) - set(flat_saved))
+  extra = sorted(set(flat_saved) - set(flat_like))
+  wrong = sorted(k for k in set(flat_like) & set(flat_saved) if np.shape(flat_saved[k]) != np.shape(flat_like[k]))
+  if missing or extra or wrong:
+    detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else
+              f"shape of {wrong[0]}: {np.shape(flat_saved[wrong[0]])} vs {np.shape(flat_like[wrong[0]])}")
+    raise checkpoint.CheckpointError(f"{where}: {name} do not fit the configured model ({detail})")
+  return checkpoint.unflatten_like({k: jnp.asarray(v, flat_like[k].dtype) for k, v in flat_saved.items()}, like)
+
+
+def saved_config_json(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON, as stored in every checkpoint's meta."""
+  return json.loads(config.to_json_best_effort())
