@@ -6,6 +6,9 @@ setup(
     version="0.1.0",
     description="Train and evaluate 3D convolutional networks on lung CT volumes (JAX/Flax NNX).",
     packages=find_packages(include=["lungct", "lungct.*"]),
+    # The oneDNN convolution extension's source: compiled on first use (lungct/ops/build.py), not here, so
+    # installing needs no compiler and the extension matches the jaxlib actually imported.
+    package_data={"lungct.ops": ["csrc/*.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",
@@ -25,6 +28,9 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "psutil>=5.9",
+        # oneDNN (library + headers, CPU-only build with GNU OpenMP, ~40 MB) for conv_impl="onednn".
+        "onednn-cpu-gomp==2023.2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "onednn-devel-cpu-gomp==2023.2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-learn>=1.4"],

@@ -4,6 +4,10 @@ Each side runs `benchmarks/train_step.py --side <side>` (N steps) in its own sub
 child's `ru_maxrss` (read by the child itself at exit) is the peak. PyTorch is skipped when absent.
 
     python benchmarks/memory.py --model cnn3d --steps 2
+    python benchmarks/memory.py --model cnn3d --steps 1 --lungct onednn onednn+full onednn+conv_outputs
+
+`--lungct` lists lungct variants, each `conv_impl[:variant][+remat_policy]` (see train_step.py). The train step
+donates its state (params, optimizer state, batch statistics) in every variant.
 """
 from __future__ import annotations
 
@@ -37,11 +41,18 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--conv-impl", default="", help="also measure lungct with this conv_impl (e.g. im2col)")
+  p.add_argument("--lungct", nargs="*", default=None,
+                 help="lungct variants instead of the default config: conv_impl[+remat_policy] each")
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
   sys.path.insert(0, HERE)
   import train_step
   runs = {"lungct": ("lungct", ())}
+  if args.lungct:
+    runs = {}
+    for spec in args.lungct:
+      impl, _, policy = spec.partition("+")
+      runs[f"lungct[{spec}]"] = ("lungct", ("--conv-impl", impl, *(("--remat-policy", policy) if policy else ())))
   if args.conv_impl:
     runs[f"lungct[{args.conv_impl}]"] = ("lungct", ("--conv-impl", args.conv_impl))
   if train_step.have_torch():
@@ -51,10 +62,15 @@ def main(argv=None) -> dict:
     out["results"][name] = peak_rss(side, args.model, args.batch, args.shape, args.steps, args.dtype, extra)
   print(f"Peak RSS of {args.steps} training steps, {args.model}, batch {args.batch}, input {tuple(args.shape)}:")
   for name, r in out["results"].items():
-    print(f"  {name:<16} {r['peak_rss_mb']:8.0f} MiB")
+    print(f"  {name:<32} {r['peak_rss_mb']:8.0f} MiB  {r['volumes_per_s']:.3f} vol/s")
   if "pytorch" in out["results"]:
-    out["ratio_lungct_over_pytorch"] = out["results"]["lungct"]["peak_rss_mb"] / out["results"]["pytorch"]["peak_rss_mb"]
-    print(f"  ratio lungct/pytorch: {out['ratio_lungct_over_pytorch']:.2f}")
+    torch_mb = out["results"]["pytorch"]["peak_rss_mb"]
+    for name, r in out["results"].items():
+      if name.startswith("lungct"):
+        r["ratio_over_pytorch"] = r["peak_rss_mb"] / torch_mb
+        print(f"  {name} / pytorch: {r['ratio_over_pytorch']:.2f}")
+    if "lungct" in out["results"]:
+      out["ratio_lungct_over_pytorch"] = out["results"]["lungct"]["ratio_over_pytorch"]
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=2)

@@ -8,6 +8,11 @@ same run (numpy on CPU, jnp on an accelerator), so MFU = achieved / that peak.
     python benchmarks/train_step.py                       # both models, both frameworks
     python benchmarks/train_step.py --model cnn3d --steps 5 --json out.json
     python benchmarks/train_step.py --dtype bfloat16 --side lungct
+    python benchmarks/train_step.py --model cnn3d --conv-impl onednn,im2col   # several lungct variants, one run
+
+With several --conv-impl values, each is a side of its own ("lungct[onednn]", ...) and all sides alternate.
+The FLOP count always comes from the XLA-convolution compile of the same step: XLA's cost analysis does not
+count custom calls (oneDNN on CPU, cuDNN on GPU), so those compiles would under-count.
 
 PyTorch is optional: without it only the lungct side runs. Nothing here needs the
 input pipeline (tensorflow_datasets, grain), which may be absent on an accelerator host.
@@ -123,6 +128,8 @@ def lungct_config(model: str, batch: int, shape: tuple[int, int, int], dtype: st
     config.model.dropout = 0.0
   else:
     raise ValueError(f"unknown model {model!r}; known: {MODELS}")
+  if isinstance(remat, str):  # a policy name: the config field is typed bool
+    del config.model["remat"]
   config.model.remat = remat
   if conv_impl:
     config.model.conv_impl = conv_impl
@@ -139,13 +146,38 @@ def cost_flops(compiled) -> float:
 
 # ----------------------------------------------------------------------------- the two sides
 
+class _reshape_pool:
+  """Within the block: the tutorial CNN and ResNet pool with `common.max_pool` (reshape / strided slices +
+  max) instead of `nnx.max_pool` -- what the proposed cnn3d.py/resnet3d.py change does (benchmarks/README.md)."""
+
+  def __enter__(self):
+    from flax import nnx
+    from lungct.models import cnn3d, common, resnet3d
+    self.saved = [(m, m.nnx) for m in (cnn3d, resnet3d)]
+    patched = types.ModuleType("nnx_with_common_max_pool")
+    patched.__dict__.update(vars(nnx))
+    patched.max_pool = common.max_pool
+    for m, _ in self.saved:
+      m.nnx = patched
+
+  def __exit__(self, *exc):
+    for m, saved in self.saved:
+      m.nnx = saved
+
+
 def setup_lungct(model: str, batch: int, shape, dtype: str, remat: bool,
                  conv_impl: str | None = None) -> tuple[Callable[[], None], dict[str, Any]]:
-  """lungct's train step jitted on a 1-device mesh and compiled: (one blocking step, info with the XLA FLOP count)."""
+  """lungct's train step jitted on a 1-device mesh and compiled: (one blocking step, info with the XLA FLOP count).
+
+  `conv_impl` may carry the suffix ":rpool" (tutorial CNN pooled by reshape + max, see `_reshape_pool`).
+  """
+  import contextlib
   import jax
   import jax.numpy as jnp
   train = import_train()
-  config = lungct_config(model, batch, shape, dtype, remat, conv_impl)
+  conv_impl, _, variant = (conv_impl or "").partition(":")
+  pool = _reshape_pool() if variant == "rpool" else contextlib.nullcontext()
+  config = lungct_config(model, batch, shape, dtype, remat, conv_impl or None)
   graphdef, state, tx = train.create_state(config, total_steps=1000)
   mesh = train.make_mesh(jax.devices()[:1])
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -156,10 +188,11 @@ def setup_lungct(model: str, batch: int, shape, dtype: str, remat: bool,
   labels = train.to_global(mesh, (np.arange(batch) % 2).astype(np.int32))
   key = jax.random.PRNGKey(0)
   t = time.perf_counter()
-  compiled = step_fn.lower(state, images, labels, key).compile()
+  with pool:
+    compiled = step_fn.lower(state, images, labels, key).compile()
   compile_s = time.perf_counter() - t
   flops = cost_flops(compiled)
-  holder = {"state": state}
+  holder = {"state": state, "compiled": compiled}
 
   def one():
     holder["state"], m = compiled(holder["state"], images, labels, key)
@@ -235,7 +268,10 @@ def main(argv=None) -> dict[str, Any]:
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--remat", action="store_true", help="rematerialise block activations (lungct)")
-  p.add_argument("--conv-impl", default=None, help="lungct config.model.conv_impl (xla | im2col)")
+  p.add_argument("--conv-impl", default=None,
+                 help="lungct config.model.conv_impl (xla | im2col | onednn); comma-separated: one side each")
+  p.add_argument("--remat-policy", default=None,
+                 help="lungct config.model.remat as a policy name (see lungct.models.common.REMAT_POLICIES)")
   p.add_argument("--side", choices=("both", "lungct", "pytorch"), default="both")
   p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
   p.add_argument("--no-flops", action="store_true",
@@ -268,15 +304,23 @@ def main(argv=None) -> dict[str, Any]:
 
   out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
          "cpu": _cpu_name(), "backend": backend, "args": vars(args), "peak_gflops": peak, "results": {}}
+  impls = (args.conv_impl or "").split(",") if args.conv_impl else [None]
+  remat = args.remat_policy or args.remat
   for m in models:
     fns, res = {}, {}
     if "lungct" in sides:
-      fns["lungct"], res["lungct"] = setup_lungct(m, args.batch, shape, args.dtype, args.remat, args.conv_impl)
-      flops = res["lungct"]["flops_per_step"]
+      for impl in impls:
+        name = "lungct" if len(impls) == 1 else f"lungct[{impl}]"
+        fns[name], res[name] = setup_lungct(m, args.batch, shape, args.dtype, remat, impl)
+        res[name]["conv_impl"] = impl
+      first = res[next(iter(res))]
+      flops = first["flops_per_step"]
+      if any(i not in (None, "xla", "im2col") for i in impls) or backend != "cpu":  # custom calls
+        flops = float("nan") if args.no_flops else _flops_only(m, args.batch, shape, args.dtype, remat)
     elif args.no_flops:
       flops = float("nan")
     else:  # the FLOP count still comes from XLA: compile without running
-      flops = _flops_only(m, args.batch, shape, args.dtype, args.remat)
+      flops = _flops_only(m, args.batch, shape, args.dtype, remat)
     if "pytorch" in sides:
       sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
       fns["pytorch"], res["pytorch"] = setup_torch(m, args.batch, shape, args.dtype)
@@ -285,16 +329,17 @@ def main(argv=None) -> dict[str, Any]:
       r["step_times_s"], r["flops_per_step"] = times, flops
       r["final_loss"] = r.pop("_holder")["loss"]
       summarise(r, args.batch, flops, peak_used)
-    if len(res) == 2:
-      res["ratio_lungct_over_pytorch"] = res["lungct"]["volumes_per_s"] / res["pytorch"]["volumes_per_s"]
+    if "pytorch" in res:
+      for name in [k for k in res if k.startswith("lungct")]:
+        key = "ratio_lungct_over_pytorch" + name[len("lungct"):]
+        res[key] = res[name]["volumes_per_s"] / res["pytorch"]["volumes_per_s"]
     out["results"][m] = res
   out["peak_rss_mb"] = peak_rss_mb()
   if backend == "cpu" and not args.no_peak:  # the machine may be shared: keep the best of before and after
     peak["numpy_float32"] = max(peak["numpy_float32"], numpy_matmul_peak())
     for res in out["results"].values():
-      for side in ("lungct", "pytorch"):
-        if side in res:
-          res[side]["mfu"] = res[side]["gflops_per_s"] / peak["numpy_float32"]
+      for side in [k for k in res if not k.startswith("ratio")]:
+        res[side]["mfu"] = res[side]["gflops_per_s"] / peak["numpy_float32"]
     peak_used = peak["numpy_float32"]
   print_table(out, peak_used)
   if args.json:
@@ -306,14 +351,21 @@ def main(argv=None) -> dict[str, Any]:
 
 
 def _flops_only(model, batch, shape, dtype, remat) -> float:
+  """XLA's FLOP count of the step with XLA's own convolutions, compiled for the CPU (not run) at batch
+  min(batch, 2) and scaled to `batch` (the per-volume work is the same; the optimizer's is negligible)."""
   import jax
   train = import_train()
-  config = lungct_config(model, batch, shape, dtype, remat)
+  full, batch = batch, min(batch, 2)
+  config = lungct_config(model, batch, shape, dtype, remat, "xla")
   graphdef, state, tx = train.create_state(config, total_steps=1000)
-  step_fn, _ = train.compile_steps(graphdef, tx, config, train.make_mesh(jax.devices()[:1]))
-  images = jax.ShapeDtypeStruct((batch, *shape, 1), np.float32)
-  labels = jax.ShapeDtypeStruct((batch,), np.int32)
-  return cost_flops(step_fn.lower(state, images, labels, jax.random.PRNGKey(0)).compile())
+  cpu = jax.devices("cpu")[:1]
+  step_fn, _ = train.compile_steps(graphdef, tx, config, train.make_mesh(cpu))
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = train.make_mesh(cpu)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  images = jax.ShapeDtypeStruct((batch, *shape, 1), np.float32, sharding=NamedSharding(mesh, P("data")))
+  labels = jax.ShapeDtypeStruct((batch,), np.int32, sharding=NamedSharding(mesh, P("data")))
+  return cost_flops(step_fn.lower(state, images, labels, jax.random.PRNGKey(0)).compile()) * full / batch
 
 
 def _cpu_name() -> str:
@@ -334,14 +386,13 @@ def print_table(out: dict[str, Any], peak: float) -> None:
   print("peak (matmul): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in out["peak_gflops"].items()))
   print(f"{'model':<10} {'framework':<9} {'step s':>8} {'vol/s':>8} {'GFLOP/step':>11} {'GFLOP/s':>9} {'MFU':>7}")
   for m, res in out["results"].items():
-    for side in ("lungct", "pytorch"):
-      if side in res:
-        r = res[side]
-        print(f"{m:<10} {side:<9} {r['median_step_s']:>8.3f} {r['volumes_per_s']:>8.3f} "
-              f"{r['flops_per_step'] / 1e9:>11.1f} "
-              f"{r['gflops_per_s']:>9.1f} {100 * r['mfu']:>6.1f}%")
-    if "ratio_lungct_over_pytorch" in res:
-      print(f"{m:<10} lungct/pytorch throughput ratio: {res['ratio_lungct_over_pytorch']:.2f}x")
+    for side in [k for k in res if not k.startswith("ratio")]:
+      r = res[side]
+      print(f"{m:<10} {side:<9} {r['median_step_s']:>8.3f} {r['volumes_per_s']:>8.3f} "
+            f"{r['flops_per_step'] / 1e9:>11.1f} "
+            f"{r['gflops_per_s']:>9.1f} {100 * r['mfu']:>6.1f}%  steps {[round(t, 2) for t in r['step_times_s']]}")
+    for key in [k for k in res if k.startswith("ratio")]:
+      print(f"{m:<10} {key.replace('ratio_', '')} throughput ratio: {res[key]:.2f}x")
 
 
 if __name__ == "__main__":

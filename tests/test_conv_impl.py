@@ -80,3 +80,22 @@ def test_models_same_outputs_and_gradients(make):
   for a, b in zip(jax.tree.leaves(grads_i), jax.tree.leaves(grads_x)):
     # Summation order differs: 1e-4 relative to the array's scale.
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))) + 1e-6)
+
+
+@pytest.mark.parametrize("window,strides,padding", [
+    ((2, 2, 2), (2, 2, 2), "VALID"),        # the tutorial CNN: a reshape + max
+    ((3, 3, 3), (2, 2, 2), [(1, 1)] * 3),   # the ResNet stem: separable strided slices
+    ((3, 3, 3), (2, 2, 2), "SAME"),
+    ((2, 2, 2), (1, 1, 1), "VALID"),
+])
+def test_max_pool_matches_flax(window, strides, padding):
+  from flax import nnx
+  # After a ReLU, as in the models: ties (zeros) get different shares of the pool's gradient, which the
+  # ReLU then discards, so gradients with respect to the ReLU's input agree.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 10, 11, 3))
+  ref = lambda a: nnx.max_pool(jax.nn.relu(a), window, strides=strides, padding=padding)
+  ours = lambda a: common.max_pool(jax.nn.relu(a), window, strides, padding)
+  np.testing.assert_array_equal(ours(x), ref(x))
+  g = jax.random.normal(jax.random.PRNGKey(1), ref(x).shape)
+  grad = lambda f: jax.grad(lambda a: jnp.sum(f(a) * g))(x)
+  np.testing.assert_allclose(grad(ours), grad(ref), atol=1e-6)
