@@ -116,7 +116,8 @@ def test_sigterm_to_one_process_saves_and_stops_both(runs):
   # one dataset, built by process 0 only (process 1 waited at the barrier, then opened it)
   assert "downloaded and prepared" in log0
   assert "downloaded and prepared" not in open(os.path.join(runs["tmp"], "a.1.log")).read()
-  assert len(glob.glob(os.path.join(runs["tmp"], "tfds", "lung_ct", "*", "1.0.0"))) == 1
+  from lungct.data import lung_ct
+  assert len(glob.glob(os.path.join(runs["tmp"], "tfds", "lung_ct", "*", str(lung_ct.LungCt.VERSION)))) == 1
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(runs):
