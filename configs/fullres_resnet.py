@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"                      # compute dtype; params and optimizer state stay float32
   c.model = models.model_config("resnet3d", depth=18, width=32, dropout=0.2, stem_stride=(2, 2, 2), remat=True)
   c.data.target_spacing = (1.5, 1.5, 1.5)   # mm (z, y, x), isotropic
+  c.data.fit = "crop_or_pad"                # keep millimetres: pad with air / crop around the centre
   c.data.shape = (192, 256, 256)            # 288 x 384 x 384 mm: the whole lung field
   c.mesh.space = 2                          # devices per volume (depth split); must divide the device count
   c.train.batch_size = 8                    # global; divisible by (device count / mesh.space)

@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"                      # compute dtype; params and optimizer state stay float32
   c.model = models.model_config("unet3d", features=(32, 64, 128, 256), remat=True)  # Cicek et al. 2016 widths
   c.data.target_spacing = (1.0, 1.0, 1.0)   # mm (z, y, x), isotropic
+  c.data.fit = "crop_or_pad"                # keep millimetres: pad with air / crop around the centre
   c.data.shape = (288, 384, 384)            # 288 x 384 x 384 mm: the whole lung field
   c.mesh.space = 4                          # devices per volume (depth split); must divide the device count
   c.train.batch_size = 2                    # global; divisible by (device count / mesh.space)

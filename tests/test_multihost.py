@@ -114,9 +114,9 @@ def test_sigterm_to_one_process_saves_and_stops_both(runs):
   stopped = int(log0.split("Stopped at step ")[1].split(":")[0])
   assert 1 <= stopped < STEPS
   # one dataset, built by process 0 only (process 1 waited at the barrier, then opened it)
-  assert "downloaded and prepared" in log0
-  assert "downloaded and prepared" not in open(os.path.join(runs["tmp"], "a.1.log")).read()
-  assert len(glob.glob(os.path.join(runs["tmp"], "tfds", "lung_ct", "*", "1.0.0"))) == 1
+  assert "lung_ct: building" in log0
+  assert "lung_ct: building" not in open(os.path.join(runs["tmp"], "a.1.log")).read()
+  assert len(glob.glob(os.path.join(runs["tmp"], "tfds", "lung_ct", "*", "*", "dataset_info.json"))) == 1
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(runs):
