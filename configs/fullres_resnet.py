@@ -4,9 +4,11 @@
         --config.data.source=mosmeddata --config.data.manual_dir=/data/MosMedData
 
 One volume of 192 x 256 x 256 voxels (288 x 384 x 384 mm) is split along its depth over `mesh.space` = 2
-devices, the batch over the rest (8 accelerators -> data = 4, batch 8). Memory per device, measured with
-`benchmarks/spatial.py` at 1/64 of the volume on CPU and scaled linearly in voxels (docs/scaling.md): about
-FULLRES_RESNET_MEM. At 1.0 mm (shape (288, 384, 384)) use mesh.space = 4.
+devices, the batch over the rest (8 accelerators -> data = 4, batch 8: 2 volumes per data shard). Memory,
+measured with `benchmarks/spatial.py` at 1/8 of the volume on CPU and scaled linearly in voxels
+(docs/scaling.md): ~2.0 GiB per volume per device at space = 2, ~3.0 GiB at space = 1 - this model fits one
+device without spatial splitting; space = 2 buys a larger batch per device. At 1.0 mm (shape (288, 384, 384),
+3.4x the voxels) use mesh.space = 4 for large per-device batches. Not yet run on an accelerator.
 """
 import ml_collections
 

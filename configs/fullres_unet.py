@@ -7,7 +7,8 @@ One volume of 288 x 384 x 384 voxels (288 x 384 x 384 mm: a whole chest field of
 over `mesh.space` = 4 devices (72 slices each, halos exchanged by XLA), the batch over the remaining devices
 (8 accelerators -> data = 2, batch 2). Memory per device, from `benchmarks/spatial.py` at 1/64 of the volume on
 CPU, scaled linearly in voxels (see docs/scaling.md for the measurements and how far to trust them): about
-FULLRES_UNET_MEM. Fits 80 GB (H100/A100) or 141 GB (H200) accelerators; with space = 1 one volume does not.
+32 GiB per device at space = 4 (one volume per data shard), against ~112 GiB for one volume on one device
+(space = 1), which no 80 GB accelerator holds. Not yet run on an accelerator.
 Lower `data.target_spacing` to 1.5 mm (shape (192, 256, 256), 3.4x fewer voxels) for 40 GB devices.
 """
 import ml_collections
