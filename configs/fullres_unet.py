@@ -7,7 +7,8 @@ One volume of 288 x 384 x 384 voxels (288 x 384 x 384 mm: a whole chest field of
 over `mesh.space` = 4 devices (72 slices each, halos exchanged by XLA), the batch over the remaining devices
 (8 accelerators -> data = 2, batch 2). Memory per device, from `benchmarks/spatial.py` at 1/64 of the volume on
 CPU, scaled linearly in voxels (see docs/scaling.md for the measurements and how far to trust them): about
-FULLRES_UNET_MEM. Fits 80 GB (H100/A100) or 141 GB (H200) accelerators; with space = 1 one volume does not.
+32 GiB per device at space = 4 (one volume per data shard), against ~112 GiB for one volume on one device
+(space = 1), which no 80 GB accelerator holds. Not yet run on an accelerator.
 Lower `data.target_spacing` to 1.5 mm (shape (192, 256, 256), 3.4x fewer voxels) for 40 GB devices.
 """
 import ml_collections
@@ -21,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"                      # compute dtype; params and optimizer state stay float32
   c.model = models.model_config("unet3d", features=(32, 64, 128, 256), remat=True)  # Cicek et al. 2016 widths
   c.data.target_spacing = (1.0, 1.0, 1.0)   # mm (z, y, x), isotropic
+  c.data.fit = "crop_or_pad"                # keep millimetres: pad with air / crop around the centre
   c.data.shape = (288, 384, 384)            # 288 x 384 x 384 mm: the whole lung field
   c.mesh.space = 4                          # devices per volume (depth split); must divide the device count
   c.train.batch_size = 2                    # global; divisible by (device count / mesh.space)

@@ -187,3 +187,30 @@ def test_spatial_spec_rules():
   explicit = AbstractMesh((2, 4), ("data", "space"), axis_types=(AxisType.Explicit,) * 2)
   assert sharding.spatial_spec(vol(4, 32), explicit) == P("data", "space", None, None, None)
   assert sharding.spatial_spec(vol(4, 34), explicit) == P("data", None, None, None, None)  # reshard needs even
+
+
+@pytest.mark.parametrize("name", ["fullres_unet", "fullres_resnet"])
+def test_fullres_configs_are_valid_and_split_depth(name):
+  """The full-resolution configs pass the config checks on 8 devices and their input is split over space."""
+  import importlib
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from jax.sharding import AbstractMesh
+  from lungct import config_check, models, sharding, tasks
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert c.dtype == "bfloat16" and c.model.remat and c.mesh.space > 1
+  spacing = c.data.target_spacing
+  assert all(1.0 <= s <= 1.5 for s in spacing) and len(set(spacing)) == 1   # isotropic 1.0-1.5 mm
+  devices = 8
+  task = tasks.get(c)
+  config_check.validate(c, num_devices=devices // c.mesh.space, task_errors=task.check(c),
+                        input_shape=task.input_shape(c))
+  abstract = nnx.eval_shape(lambda: models.create_model(c.model, num_outputs=1, dtype=jnp.bfloat16,
+                                                        rngs=nnx.Rngs(0)))
+  params = nnx.state(abstract, nnx.Param)
+  assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) > 1e6
+  mesh = AbstractMesh((devices // c.mesh.space, c.mesh.space), ("data", "space"))
+  x = jax.ShapeDtypeStruct((c.train.batch_size, *c.data.shape, 1), jnp.bfloat16)
+  assert sharding.spatial_spec(x, mesh)[1] == "space"
