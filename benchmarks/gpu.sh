@@ -2,8 +2,9 @@
 # Every GPU row of benchmarks/README.md in one run (at most 9.5 minutes of timeouts, about 6 expected, one H100/H200), JSON + logs in $OUT:
 #   1. train step, lungct vs PyTorch (if importable), both models, float32 and bfloat16, batch 2 and 16;
 #      lungct sides: "xla" (cnn3d.py as it is: max-pool by reduce_window/select_and_scatter) and "xla:rpool"
-#      (max-pool by reshape + max: the proposed fix for the tutorial CNN; for ResNet-18 it is a repeat of "xla",
-#      i.e. a noise estimate). FLOPs: XLA's count of the same step compiled for the CPU (cuDNN calls are not
+#      (lungct.models.common.max_pool: reshape + max with a first-maximum VJP for the tutorial CNN's 2x2x2 pools,
+#      separable strided-slice max for ResNet-18's 3x3x3/2 stem pool; the proposed fix for the batch-16
+#      regression of the tutorial CNN). FLOPs: XLA's count of the same step compiled for the CPU (cuDNN calls are not
 #      counted on the GPU); MFU is against a jnp matmul in the compute dtype measured in the same run.
 #   2. autotuning variant: tutorial CNN, float32, batch 16 with --xla_gpu_autotune_level=0 (vs the default above).
 #   3. profile: tutorial CNN at batch 2 vs 16, both pool variants: device time per kernel (printed), optimized

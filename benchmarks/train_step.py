@@ -104,36 +104,43 @@ def jax_matmul_peak(dtype: str, n: int = 8192, reps: int = 10) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
-def lungct_config(model: str, batch: int, shape: tuple[int, int, int], dtype: str, remat: bool,
+def lungct_config(model: str, batch: int, shape: tuple[int, int, int], dtype: str, remat: bool | str,
                   conv_impl: str | None = None):
   """The default config set to the benchmark: the tutorial CNN or ResNet-18, Adam, augmentation off."""
   from configs import default
+  from lungct import models
   config = default.get_config()
   config.dtype = dtype
   config.data.shape = tuple(shape)
-  config.data.augment.enabled = False
+  config.augment.enabled = False
   config.train.batch_size = batch
   config.train.optimizer = "adam"
   config.train.learning_rate = 1e-3
   config.train.schedule = "constant"
+  impl = conv_impl or config.model.get("conv_impl", "xla")
   if model == "cnn3d":
-    config.model.name = "cnn3d"
-    config.model.features = (64, 64, 128, 256)
-    config.model.dense = 512
-    config.model.dropout = 0.3
+    config.model = models.model_config("cnn3d", features=(64, 64, 128, 256), dense=512, dropout=0.3,
+                                       remat=remat, conv_impl=impl)
   elif model == "resnet18":
-    config.model.name = "resnet3d"
-    config.model.depth = 18
-    config.model.width = 64
-    config.model.dropout = 0.0
+    config.model = models.model_config("resnet3d", depth=18, width=64, dropout=0.0, remat=remat, conv_impl=impl)
   else:
     raise ValueError(f"unknown model {model!r}; known: {MODELS}")
-  if isinstance(remat, str):  # a policy name: the config field is typed bool
-    del config.model["remat"]
-  config.model.remat = remat
-  if conv_impl:
-    config.model.conv_impl = conv_impl
   return config
+
+
+def _compiled_step(config, batch: int, shape, devices):
+  """(compiled train step, state, batch dict, key) of `config` on a 1-device mesh."""
+  import jax
+  from lungct import runtime, tasks
+  train = import_train()
+  graphdef, state, tx = train.create_state(config, total_steps=1000)
+  mesh = runtime.make_mesh(config, devices)
+  state = jax.device_put(state, runtime.replicated(mesh))
+  step_fn, _ = train.compile_steps(graphdef, tx, tasks.get(config), config, mesh)
+  rng = np.random.default_rng(0)
+  data = {"image": runtime.to_global(mesh, rng.random((batch, *shape, 1), np.float32)),
+          "target": runtime.to_global(mesh, (np.arange(batch) % 2).astype(np.int32))}
+  return step_fn, state, data, jax.random.PRNGKey(0)
 
 
 def cost_flops(compiled) -> float:
@@ -178,24 +185,16 @@ def setup_lungct(model: str, batch: int, shape, dtype: str, remat: bool,
   conv_impl, _, variant = (conv_impl or "").partition(":")
   pool = _reshape_pool() if variant == "rpool" else contextlib.nullcontext()
   config = lungct_config(model, batch, shape, dtype, remat, conv_impl or None)
-  graphdef, state, tx = train.create_state(config, total_steps=1000)
-  mesh = train.make_mesh(jax.devices()[:1])
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  step_fn, _ = train.compile_steps(graphdef, tx, config, mesh)
-  rng = np.random.default_rng(0)
-  images = train.to_global(mesh, rng.random((batch, *shape, 1), np.float32))
-  labels = train.to_global(mesh, (np.arange(batch) % 2).astype(np.int32))
-  key = jax.random.PRNGKey(0)
+  step_fn, state, data, key = _compiled_step(config, batch, shape, jax.devices()[:1])
   t = time.perf_counter()
   with pool:
-    compiled = step_fn.lower(state, images, labels, key).compile()
+    compiled = step_fn.lower(state, data, key).compile()
   compile_s = time.perf_counter() - t
   flops = cost_flops(compiled)
   holder = {"state": state, "compiled": compiled}
 
   def one():
-    holder["state"], m = compiled(holder["state"], images, labels, key)
+    holder["state"], m = compiled(holder["state"], data, key)
     jax.block_until_ready(m["loss"])
     holder["loss"] = float(m["loss"])
 
@@ -354,18 +353,10 @@ def _flops_only(model, batch, shape, dtype, remat) -> float:
   """XLA's FLOP count of the step with XLA's own convolutions, compiled for the CPU (not run) at batch
   min(batch, 2) and scaled to `batch` (the per-volume work is the same; the optimizer's is negligible)."""
   import jax
-  train = import_train()
   full, batch = batch, min(batch, 2)
   config = lungct_config(model, batch, shape, dtype, remat, "xla")
-  graphdef, state, tx = train.create_state(config, total_steps=1000)
-  cpu = jax.devices("cpu")[:1]
-  step_fn, _ = train.compile_steps(graphdef, tx, config, train.make_mesh(cpu))
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  mesh = train.make_mesh(cpu)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  images = jax.ShapeDtypeStruct((batch, *shape, 1), np.float32, sharding=NamedSharding(mesh, P("data")))
-  labels = jax.ShapeDtypeStruct((batch,), np.int32, sharding=NamedSharding(mesh, P("data")))
-  return cost_flops(step_fn.lower(state, images, labels, jax.random.PRNGKey(0)).compile()) * full / batch
+  step_fn, state, data, key = _compiled_step(config, batch, shape, jax.devices("cpu")[:1])
+  return cost_flops(step_fn.lower(state, data, key).compile()) * full / batch
 
 
 def _cpu_name() -> str:
