@@ -128,7 +128,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs):
   l2 = np.array([r["train/loss"] for r in two])
   l1 = np.array([r["train/loss"] for r in one])
   print("per-step loss, 2 processes:", l2, "\n1 process:", l1, "\nmax |diff|", np.abs(l2 - l1).max())
-  np.testing.assert_allclose(l2, l1, rtol=1e-5, atol=1e-6)
+  # measured max |diff|: 6e-8 to 1.6e-6 over runs (summation order, amplified by the steps before)
+  np.testing.assert_allclose(l2, l1, rtol=2e-5, atol=1e-6)
   from lungct import checkpoint
   p2, s2, _ = checkpoint.restore_variables(os.path.join(runs["two"], checkpoint.LATEST_DIR), STEPS)
   p1, s1, _ = checkpoint.restore_variables(os.path.join(runs["ref"], checkpoint.LATEST_DIR), STEPS)
