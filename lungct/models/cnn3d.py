@@ -42,7 +42,7 @@ class ConvBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = nnx.relu(self.conv(x))
-    x = nnx.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+    x = common.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
     return self.bn(x, use_running_average=not train)
 
 

@@ -73,7 +73,7 @@ class UNet3D(nnx.Module):
     skips = []
     for i, block in enumerate(self.down):
       if i:
-        x = nnx.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+        x = common.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
       x = sharding.constrain_spatial(common.apply_block(block, x, train=train, remat=self.remat))
       skips.append(x)
     x = self.dropout(x, deterministic=not train or dropout_key is None, rngs=dropout_key)

@@ -1,0 +1,37 @@
+"""Nodule segmentation at native millimetres: a 3D U-Net on nodule crops (LIDC-style), 1 mm isotropic.
+
+    python -m lungct.main --config configs/nodule_seg.py --workdir runs/nodule_seg
+    python -m lungct.main --config configs/nodule_seg.py --workdir runs/nodule_seg --mode=eval   # Dice, HD95 (mm)
+    # your own crops with masks (labels CSV with a mask column, docs/data.md):
+    python -m lungct.main --config configs/nodule_seg.py --workdir runs/my_seg \
+        --config.data.source=folder --config.data.manual_dir=/data/crops --config.data.labels_csv=labels.csv
+
+The data geometry is configs/nodule.py's (1 mm voxels, crop_or_pad to 32^3 centred on the mask, so a 4 mm and a
+30 mm nodule keep their size and HD95 is in true millimetres); the crop is the whole training example (patch =
+data.shape), and evaluation runs the sliding window over the same 32^3 crop. Augmentation: flips on every axis
+and the 24 cube rotations (exact for image and mask), no zoom (it would blur the mask's edge).
+"""
+import ml_collections
+
+from configs import nodule, unet_seg
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = unet_seg.get_config()
+  n = nodule.get_config()
+  c.data = n.data
+  c.augment = n.augment
+  c.augment.scale_jitter = 0.0
+  c.model.features = (16, 32, 64)   # three levels: 32 -> 16 -> 8 voxels
+  c.segment.patch = tuple(c.data.shape)
+  c.segment.pos_fraction = 1.0
+  c.segment.sw_batch_size = 4
+  c.train.batch_size = 8
+  c.train.num_epochs = 20
+  c.train.learning_rate = 2e-3
+  c.train.optimizer = "adamw"
+  c.train.schedule = "warmup_cosine"
+  c.train.warmup_steps = 20
+  c.train.weight_decay = 1e-4
+  c.train.precise_bn_batches = 4
+  return c
