@@ -24,9 +24,9 @@ from configs import default
 from lungct import models
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = default.get_config()
-  d = c.data
+def get_data_config() -> ml_collections.ConfigDict:
+  """The nodule recipe's data config (also usable on its own, e.g. to build the dataset)."""
+  d = default.get_data_config()
   d.source = "nodules"             # the embedded synthetic nodule crops (lungct/data/nodules.py)
   d.num_scans = 320                # nodules (from ~160 patients, 1-4 nodules each)
   d.phantom_seed = 0
@@ -37,6 +37,15 @@ def get_config() -> ml_collections.ConfigDict:
   d.hu_window = (-1000.0, 400.0)   # lung window: ground glass, solid and calcified parts all visible
   d.min_extent_mm = 5.0
   d.split_fractions = (0.7, 0.15, 0.15)  # by patient
+  return d
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = default.get_config()
+  c.data = get_data_config()
+  if "augment" not in c:  # configs/default.py before config.augment moved to the top level
+    c.augment = default.get_augment_config()
+    c.loader = default.get_loader_config()
 
   c.model = models.model_config("resnet3d", depth=10, width=8, dropout=0.2, stem_stride=(1, 1, 1),
                                 stem_pool=False, stem_kernel=3)

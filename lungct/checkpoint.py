@@ -30,7 +30,7 @@ def check_writable(path: str) -> None:
   """Creates ``path`` if needed and proves it writable; CheckpointError naming it otherwise."""
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, ".write_probe")
+    probe = os.path.join(path, f".write_probe.{os.getpid()}")  # one per process: hosts may share the workdir
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -150,13 +150,28 @@ def _open(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, item_names=("state", "meta"))
 
 
+def _replicated_target(directory: str, step: int) -> Any:
+  """The saved state's shapes and dtypes, laid out replicated over this run's devices.
+
+  Orbax restores an array without a target onto the devices it was saved from and refuses ("Topology
+  mismatch") when they differ, e.g. a checkpoint written by 2 processes x 2 devices read by one process.
+  """
+  meta = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "state"))
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  repl = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
+                                    jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=repl), tree)
+
+
 def restore_variables(directory: str, step: int) -> tuple[Any, Any, dict]:
-  """(params, batch_stats, meta) of one checkpoint, read without a target: no optimizer state is needed
-  (its arrays are read and dropped), so inference works whatever optimizer trained the model."""
+  """(params, batch_stats, meta) of one checkpoint, whatever optimizer trained the model (its state is read
+  and dropped) and on however many devices and processes it was saved."""
   mngr = _open(directory)
   try:
     meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    state = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_replicated_target(directory, step))))["state"]
   except Exception as e:  # noqa: BLE001  (Orbax / TensorStore raise many types for bad files)
     raise CheckpointError(f"{directory}/{step} is unreadable: {type(e).__name__}: {str(e)[:200]}") from None
   return state.get("params", {}), state.get("batch_stats", {}), meta

@@ -132,12 +132,16 @@ def _check_model_fits(config, shape: tuple[int, int, int]) -> None:
   from flax import nnx
   from lungct import models
 
+  # Built and called inside one eval_shape: no parameters are initialised (a full-resolution model's init
+  # takes a minute on a CPU), and nnx.remat (model.remat=True) runs in the same trace as the model's variables
+  # (a model built outside and called in jax.eval_shape raises TraceContextError under remat).
+  make = lambda: models.create_model(config.model, num_outputs=1, dtype=jnp.float32, rngs=nnx.Rngs(0))
   try:
-    model = models.create_model(config.model, num_outputs=1, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    jax.eval_shape(lambda: nnx.state(make()))
   except (models.ModelConfigError, TypeError) as e:
     raise ConfigError(str(e).splitlines()[0]) from None
   try:
-    out = jax.eval_shape(lambda: model(jnp.zeros((1, *shape, 1)), train=False))
+    out = jax.eval_shape(lambda: make()(jnp.zeros((1, *shape, 1)), train=False))
     ok = all(d > 0 for d in out.shape)
   except (ValueError, TypeError, ZeroDivisionError) as e:  # noqa: B014
     ok, detail = False, str(e).splitlines()[0]

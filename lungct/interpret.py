@@ -272,8 +272,8 @@ def explain_cases(prob: np.ndarray, label: np.ndarray, study_id: Sequence[Any] |
     raise ValueError(f"explain_cases: prob {prob.shape} and label {label.shape} must both be (N,)")
   truth = label > 0
   pred = prob >= threshold
-  tie = (np.arange(len(prob)) if study_id is None
-         else np.array([s.decode() if isinstance(s, bytes) else str(s) for s in study_id]))
+  from lungct.data import pipeline
+  tie = np.arange(len(prob)) if study_id is None else np.array([pipeline.to_str(s) for s in study_id])
   if len(tie) != len(prob):
     raise ValueError(f"explain_cases: {len(tie)} study ids for {len(prob)} predictions")
   out = {}

@@ -169,8 +169,12 @@ def render(config, ev: dict, figs: dict[str, str], build: dict, summary: dict, s
       f"{ev['n_positive']} abnormal.",
   ]
   if counts:
+    reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in build.get("skip_reasons", {}).items())
     data_lines.append(f"Dataset build: {counts.get('read', '?')} scans read, {counts.get('kept', '?')} kept, "
-                      f"{counts.get('skipped', '?')} skipped (see build_report.json).")
+                      f"<b>{counts.get('skipped', '?')} skipped</b>{' (' + reasons + ')' if reasons else ''}; "
+                      f"every skipped file and its reason is listed in build_report.json. Skipped scans are not "
+                      f"in any split: if they differ from the kept ones (e.g. small nodules), the results may "
+                      f"not carry over to them.")
   model_line = (f"Model <b>{config.model.name}</b>, checkpoint step {ev.get('checkpoint_step')} (best validation "
                 f"AUC), trained {summary.get('steps', '?')} steps in {summary.get('wall_time_s', 0):.0f} s.")
   head = ["Metric"] + [f"{name}<br>(t = {op['threshold']:.3f})" for name, op in ops.items()]

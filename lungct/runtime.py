@@ -13,6 +13,7 @@ the inference modes (eval, predict, report) build on it.
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -46,6 +47,27 @@ def make_mesh(config: ml_collections.ConfigDict | None = None, devices: Sequence
     raise config_check.ConfigError(
         f"config.mesh.space={space}: must divide the device count ({len(devices)})")
   return Mesh(np.asarray(devices).reshape(len(devices) // space, space), AXES)
+
+
+def jit(fn: Callable[..., Any], mesh: Mesh, **jit_kwargs) -> Callable[..., Any]:
+  """``jax.jit(fn, **jit_kwargs)`` whose calls (so its tracing too) run under ``jax.set_mesh(mesh)``.
+
+  The models read the current mesh while tracing (`lungct.sharding.constrain_spatial`) to keep activations
+  split over "space" at block boundaries; without it XLA propagates the input's depth split on its own and
+  can partition a strided convolution into a wrong gradient (see lungct/sharding.py). A no-op for space = 1.
+  """
+  jitted = jax.jit(fn, **jit_kwargs)
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return jitted(*args, **kwargs)
+
+  def lower(*args, **kwargs):  # AOT use (benchmarks: .lower(...).compile()), also under the mesh
+    with jax.set_mesh(mesh):
+      return jitted.lower(*args, **kwargs)
+  call.lower = lower
+  return call
 
 
 def data_size(mesh: Mesh) -> int:
@@ -117,7 +139,7 @@ def compile_apply(graphdef: nnx.GraphDef, mesh: Mesh, fn: Callable[[nnx.Module, 
   """
   repl = replicated(mesh)
   images = batch_sharding(mesh, 5) if split_batch else repl
-  return jax.jit(lambda p, s, x: fn(merge(graphdef, p, s), x), in_shardings=(repl, repl, images),
+  return jit(lambda p, s, x: fn(merge(graphdef, p, s), x), mesh, in_shardings=(repl, repl, images),
                  out_shardings=repl)
 
 

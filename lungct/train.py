@@ -142,9 +142,10 @@ def compile_steps(graphdef, tx, task, config, mesh):
   """(train step, precise-BN step), jitted: batches arrive sharded (`runtime.to_global`), the state replicated
   (and kept so, explicitly), the old state's buffers donated."""
   repl = runtime.replicated(mesh)
-  step = jax.jit(lambda s, b, k: train_step(graphdef, tx, task, config, s, b, k), out_shardings=(repl, repl),
-                 donate_argnums=0)
-  recal = jax.jit(lambda s, x, k: recalibrate_bn_step(graphdef, s, x, k), out_shardings=repl, donate_argnums=0)
+  step = runtime.jit(lambda s, b, k: train_step(graphdef, tx, task, config, s, b, k), mesh,
+                     out_shardings=(repl, repl), donate_argnums=0)
+  recal = runtime.jit(lambda s, x, k: recalibrate_bn_step(graphdef, s, x, k), mesh, out_shardings=repl,
+                      donate_argnums=0)
   return step, recal
 
 
@@ -214,9 +215,41 @@ def _progress(total: int, initial: int, enabled: bool):
 
 def data_sources(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """{"train", "validation", "test"} random-access sources of the (built on first use) TFDS dataset."""
-  from lungct.data import lung_ct
-  builder = lung_ct.prepare(config.data)
+  builder = prepare_dataset(config.data)
   return {split: builder.as_data_source(split) for split in ("train", "validation", "test")}
+
+
+def dataset_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the dataset build read, kept and skipped (and why), from its build report; {} if there is none."""
+  from lungct.data import lung_ct
+  try:
+    report = lung_ct.read_build_report(lung_ct.builder_for(config.data))
+  except (OSError, ValueError):
+    return {}
+  return {k: report[k] for k in ("config", "totals", "skip_reasons", "splits") if k in report}
+
+
+def prepare_dataset(data_cfg: ml_collections.ConfigDict):
+  """`lung_ct.prepare` on process 0 only, a barrier, then every process opens the built dataset.
+
+  Several processes building one data_dir at once race on TFDS's final rename (FileExistsError on one, the
+  others then hang in the next collective). A build error on process 0 is raised on every process.
+  """
+  from lungct.data import lung_ct
+  if jax.process_count() == 1:
+    return lung_ct.prepare(data_cfg)
+  from jax.experimental import multihost_utils
+  error = None
+  if jax.process_index() == 0:
+    try:
+      lung_ct.prepare(data_cfg)
+    except Exception as e:  # noqa: BLE001  (raised below, after the others have heard of it)
+      error = e
+  if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))):  # also the barrier
+    if error is not None:
+      raise error
+    raise RuntimeError("building the dataset on process 0 failed (see its output)")
+  return lung_ct.prepare(data_cfg)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources: dict | None = None) -> dict:
@@ -272,6 +305,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
 
   start_step = int(state["step"])
   writer = MetricWriter(workdir, enabled=is_main)
+  dataset = dataset_summary(config)
+  if is_main and dataset:  # what was skipped stays in sight at every run, not only during the build
+    from lungct.data import lung_ct
+    print("\n".join(lung_ct.summary_lines(dataset)))
   if is_main and start_step == 0:
     print(f"Task {task.NAME}: {len(train_src)} train / {len(val_src)} validation volumes of shape "
           f"{tuple(config.data.shape)}; {total_steps} steps of global batch {tc.batch_size} on "
@@ -359,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
 
   summary = {"task": task.NAME, "stop_reason": stop_reason, "steps": step,
              "wall_time_s": time.time() - t_start, "best_step": book["best_step"],
-             f"best_val_{task.BEST_METRIC}": book["best"]}
+             f"best_val_{task.BEST_METRIC}": book["best"], "dataset": dataset}
   if stop_reason.startswith("preempted"):
     if is_main:
       print(f"Stopped at step {step}: {stop_reason}; checkpoint saved, rerun the same command to resume.")

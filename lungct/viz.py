@@ -563,14 +563,9 @@ def _scan_figures(path: str, out: str) -> list[str]:
 
 def _dataset_figures(config_path: str, split: str, n: int, out: str) -> list[str]:
   """Figures for the first `n` examples of a built TFDS split (lazy imports)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("viz_config", config_path)
-  if spec is None or spec.loader is None:
-    raise ValueError(f"{config_path}: cannot load config file")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  data_cfg = module.get_config().data
-  from lungct.data import lung_ct  # Lazy: pulls in TFDS.
+  from lungct.main import load_config_file
+  data_cfg = load_config_file(config_path).data
+  from lungct.data import lung_ct, pipeline  # Lazy: pulls in TFDS.
   builder = lung_ct.builder_for(data_cfg)
   if not os.path.isdir(builder.data_dir) or not builder.is_prepared():
     raise FileNotFoundError(f"{builder.data_dir}: dataset not built yet; build it first "
@@ -578,11 +573,10 @@ def _dataset_figures(config_path: str, split: str, n: int, out: str) -> list[str
   source = builder.as_data_source(split=split)
   written = []
   for i in range(min(n, len(source))):
-    ex = source[i]
-    volume = np.asarray(ex["image"], dtype=np.float32)[..., 0]
-    mask = np.asarray(ex["mask"])[..., 0]
-    sid = ex["study_id"].decode() if isinstance(ex["study_id"], bytes) else str(ex["study_id"])
-    label = f"{sid} label={int(ex['label'])} grade={int(ex['grade'])}"
+    ex = pipeline.decode(source[i])
+    volume = ex["image"][..., 0]
+    mask = ex["mask"][..., 0]
+    label = f"{ex['study_id']} label={ex['label']} grade={ex['grade']}"
     has_mask = bool(mask.any())
     written.append(save(montage(volume, window=(0.0, 1.0), mask=mask if has_mask else None,
                                 title=f"{split}[{i}] {label}"),

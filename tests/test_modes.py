@@ -33,6 +33,8 @@ def test_eval_writes_metrics_with_cis_and_predictions(trained):
       assert m["lo"] <= m["value"] + 1e-9 and m["value"] <= m["hi"] + 1e-9
   rows = list(csv.DictReader(open(os.path.join(workdir, "predictions_test.csv"))))
   assert len(rows) == saved["n"] == result["n"]
+  # Per patient (max over a patient's studies): one row per patient, same patients as the split.
+  assert saved["patient_level"]["n_patients"] == saved["n_patients"] == len({r["patient_id"] for r in rows})
   probs = np.array([float(r["probability"]) for r in rows])
   labels = np.array([int(r["label"]) for r in rows])
   assert np.all((probs >= 0) & (probs <= 1))
@@ -87,8 +89,9 @@ def test_report_is_self_contained_html(trained):
   path = report.build_report(c, workdir)
   text = open(path).read()
   assert "data:image/png;base64," in text and "<img src='report/" not in text
-  for needed in ("Sensitivity", "Specificity", "ROC-AUC", "Of 100 patients", "not for diagnosis", "synthetic"):
-    assert needed in text
+  for needed in ("Sensitivity", "Specificity", "ROC-AUC", "Of 100 patients", "not for diagnosis", "synthetic",
+                 "Dataset build: 24 scans read, 24 kept, <b>0 skipped</b>"):
+    assert needed in text, needed
   md = open(os.path.join(workdir, "report.md")).read()
   assert "| ROC-AUC |" in md
   for png in ("roc.png", "confusion.png", "reliability.png", "training_curves.png"):

@@ -200,7 +200,7 @@ def test_size_alone_does_not_solve_the_nodule_task(nodule_sample):
 def test_nodule_build_keeps_the_nodule_inside_the_crop(tmp_path):
   from configs import nodule as nodule_config  # pylint: disable=g-import-not-at-top
   from lungct.data import lung_ct, pipeline  # pylint: disable=g-import-not-at-top
-  d = nodule_config.get_config().data
+  d = nodule_config.get_data_config()
   d.data_dir = str(tmp_path)
   d.num_scans = 24
   builder = lung_ct.prepare(d)

@@ -12,6 +12,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from lungct import sharding
 from lungct.models import common
 
 _KERNEL_INIT = nnx.initializers.glorot_uniform()  # Keras default
@@ -83,9 +84,10 @@ class CNN3D(nnx.Module):
           f"CNN3D expects (B, D, H, W, C) with D, H, W >= {self.min_size} for "
           f"{len(self.blocks)} blocks with padding={self.padding!r}; got shape "
           f"{tuple(x.shape)}. Use a larger config.data.shape or config.model.padding='SAME'.")
+    x = sharding.constrain_spatial(x)  # depth split over the mesh's "space" axis, if it has one
     for block in self.blocks:
-      x = common.apply_block(block, x, train=train, remat=self.remat)
-    x = jnp.mean(x, axis=(1, 2, 3))  # GlobalAveragePooling3D
+      x = sharding.constrain_spatial(common.apply_block(block, x, train=train, remat=self.remat))
+    x = jnp.mean(x, axis=(1, 2, 3))  # GlobalAveragePooling3D (a reduction: XLA all-reduces a split depth)
     x = nnx.relu(self.dense(x))
     x = self.dropout(x, deterministic=not train or dropout_key is None,
                      rngs=dropout_key)

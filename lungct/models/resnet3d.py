@@ -17,6 +17,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from lungct import sharding
 from lungct.models import common
 
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -144,12 +145,14 @@ class ResNet3D(nnx.Module):
     """
     if x.ndim != 5:
       raise ValueError(f"ResNet3D expects (B, D, H, W, C), got shape {tuple(x.shape)}")
+    x = sharding.constrain_spatial(x)  # depth split over the mesh's "space" axis, if it has one
     x = nnx.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
     if self.stem_pool:
       x = nnx.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=[(1, 1)] * 3)
+    x = sharding.constrain_spatial(x)
     for block in self.blocks:
-      x = common.apply_block(block, x, train=train, remat=self.remat)
-    x = jnp.mean(x, axis=(1, 2, 3))
+      x = sharding.constrain_spatial(common.apply_block(block, x, train=train, remat=self.remat))
+    x = jnp.mean(x, axis=(1, 2, 3))  # a reduction: XLA all-reduces a split depth
     x = self.dropout(x, deterministic=not train or dropout_key is None,
                      rngs=dropout_key)
     return self.head(x).astype(jnp.float32)

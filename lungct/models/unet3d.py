@@ -13,6 +13,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from lungct import sharding
 from lungct.models import common
 
 
@@ -68,15 +69,16 @@ class UNet3D(nnx.Module):
     pad = [(0, -s % self.factor) for s in spatial]
     if any(p for _, p in pad):
       x = jnp.pad(x, [(0, 0), *pad, (0, 0)])
+    x = sharding.constrain_spatial(x)  # depth split over the mesh's "space" axis, if it has one
     skips = []
     for i, block in enumerate(self.down):
       if i:
         x = nnx.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
-      x = common.apply_block(block, x, train=train, remat=self.remat)
+      x = sharding.constrain_spatial(common.apply_block(block, x, train=train, remat=self.remat))
       skips.append(x)
     x = self.dropout(x, deterministic=not train or dropout_key is None, rngs=dropout_key)
     for up, block, skip in zip(self.up, self.merge, reversed(skips[:-1])):
-      x = jnp.concatenate([up(x), skip], axis=-1)
-      x = common.apply_block(block, x, train=train, remat=self.remat)
-    x = self.head(x)[:, :spatial[0], :spatial[1], :spatial[2]]
+      x = jnp.concatenate([sharding.constrain_spatial(up(x)), skip], axis=-1)
+      x = sharding.constrain_spatial(common.apply_block(block, x, train=train, remat=self.remat))
+    x = sharding.constrain_spatial(self.head(x))[:, :spatial[0], :spatial[1], :spatial[2]]
     return x.astype(jnp.float32)

@@ -132,6 +132,17 @@ def with_confidence(val: dict, test: dict, *, n_boot: int = 1000, seed: int = 0,
   return result
 
 
+def patient_level(pred: dict, threshold: float, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+  """Per-patient metrics when a patient has several studies (e.g. nodules): a patient is positive if any of
+  its studies is, and scores its highest probability; CIs resample patients."""
+  from lungct.data import pipeline
+  p = pipeline.patient_level(pred["prob"], pred["label"], pred["patient_id"])
+  return {"n_patients": int(len(p["prob"])), "max_studies_per_patient": int(p["count"].max(initial=0)),
+          "threshold": float(threshold),
+          "metrics": metrics.metrics_with_ci(p["label"], p["prob"], threshold, groups=p["patient_id"],
+                                             n_boot=n_boot, seed=seed)}
+
+
 def write_predictions(path: str, pred: dict, threshold: float = 0.5) -> None:
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
@@ -161,6 +172,7 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
     result = with_confidence(val, test, n_boot=config.eval.n_boot, seed=config.seed,
                              sensitivity_targets=tuple(config.eval.sensitivity_targets))
     threshold = result["operating_points"]["youden"]["threshold"]
+    result["patient_level"] = patient_level(test, threshold, n_boot=config.eval.n_boot, seed=config.seed)
   else:
     result = {"n": int(len(test["grade"])), "metrics": metrics.multiclass_metrics(test["grade"], test["prob"])}
     threshold = 0.5
@@ -182,4 +194,9 @@ def _summary_line(split, result) -> str:
     f = lambda k: f"{m[k]['value']:.3f} [{m[k]['lo']:.3f}, {m[k]['hi']:.3f}]"  # noqa: E731
     lines.append(f"  {name:>14} (t={op['threshold']:.3f}): AUC {f('roc_auc')}  sens {f('sensitivity')}  "
                  f"spec {f('specificity')}  acc {f('accuracy')}")
+  pl = result.get("patient_level")
+  if pl and pl["max_studies_per_patient"] > 1:
+    m = pl["metrics"]
+    lines.append(f"  per patient ({pl['n_patients']} patients, max over their studies): AUC "
+                 f"{m['roc_auc']['value']:.3f} [{m['roc_auc']['lo']:.3f}, {m['roc_auc']['hi']:.3f}]")
   return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""Spatial partitioning: a (data=2, space=4) mesh of 8 virtual CPU devices gives the 1-device numbers.
+
+Each model is run through a small jitted SGD step (not train.py's) once on one device and once under
+`jax.set_mesh` of a (2, 4) mesh with the images sharded P("data", "space"): loss, gradient norm, updated
+parameters and BatchNorm statistics must agree to float tolerance, the compiled step must exchange halos with
+collective-permute, and the per-device temporary memory (activations) must drop. The U-Net also runs
+sliding-window inference with a spatially sharded predictor. Runs in a subprocess because the device count is
+fixed when JAX starts and the other tests use one device.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import sys, traceback
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from lungct import sharding
+    from lungct.models import CNN3D, ResNet3D, UNet3D
+    assert jax.device_count() == 8, jax.devices()
+    LR = 0.1
+
+    def check(name):
+      # CNN: VALID convs, depths 40 -> 38 -> 19 -> 17 -> 8 -> 6 -> 3 (uneven splits included).
+      shape = {"cnn3d": (4, 40, 24, 24, 1)}.get(name, (4, 32, 16, 16, 1))
+      def build():
+        if name == "cnn3d":
+          return CNN3D(num_outputs=1, features=(4, 8, 8), dense=8, dropout=0.3, rngs=nnx.Rngs(0))
+        if name == "resnet3d":
+          return ResNet3D(num_outputs=1, depth=10, width=4, rngs=nnx.Rngs(0))
+        return UNet3D(num_outputs=1, features=(4, 8, 16), rngs=nnx.Rngs(0))
+
+      # Shapes only, values from numpy (He-normal kernels, BN scale/var 1, the rest 0): compiling the models' own
+      # random initialisers takes ~30 s of CPU per model here, for nothing this test needs.
+      graphdef, params, stats = nnx.split(nnx.eval_shape(build), nnx.Param, nnx.BatchStat)
+      rng = np.random.default_rng(0)
+      def init(path, leaf):
+        name = str(path[-1])
+        if "kernel" in name:
+          return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))).astype(np.float32)
+        return np.full(leaf.shape, 1.0 if ("scale" in name or "var" in name) else 0.0, np.float32)
+      params, stats = (jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(v)) for v in (params, stats))
+      images = rng.standard_normal(shape, dtype=np.float32)
+      if name == "unet3d":
+        labels = (images[..., 0] > 0.5).astype(np.float32)[..., None]
+      else:
+        labels = np.array([0, 1, 1, 0], np.float32)[:, None]
+
+      def step(params, stats, x, y, key):
+        def loss_fn(p):
+          m = nnx.merge(graphdef, p, stats)
+          logits = m(x, train=True, dropout_key=key)
+          return (jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y)),
+                  nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)))
+        (loss, new_stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        new = jax.tree.map(lambda p, d: p - LR * d, params, g)   # SGD: linear in the gradient
+        return loss, optax.global_norm(g), new, new_stats
+
+      key = jax.random.PRNGKey(1)
+      one = jax.jit(step)
+      one = one.lower(params, stats, images, labels, key).compile()   # compiled once, called once
+      l1, g1, p1, s1 = one(params, stats, images, labels, key)
+      mem1 = one.memory_analysis().temp_size_in_bytes
+
+      mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "space"))
+      repl = NamedSharding(mesh, P())
+      img_sh = NamedSharding(mesh, P("data", "space"))
+      with jax.set_mesh(mesh):
+        assert sharding.space_size() == 4
+        spatial = jax.jit(step, in_shardings=(repl, repl, img_sh,
+                                              img_sh if name == "unet3d" else NamedSharding(mesh, P("data")), repl),
+                          out_shardings=(repl, repl, repl, repl))
+        x = jax.device_put(images, img_sh)
+        assert len(x.addressable_shards) == 8 and x.addressable_shards[0].data.shape == (2, shape[1] // 4, *shape[2:])
+        compiled = spatial.lower(params, stats, x, labels, key).compile()
+        l8, g8, p8, s8 = compiled(params, stats, x, labels, key)
+      hlo = compiled.as_text()
+      mem8 = compiled.memory_analysis().temp_size_in_bytes
+      print(name, "loss", float(l1), float(l8), "grad norm", float(g1), float(g8))
+      print(name, "temp bytes per device: 1 device", mem1, "(2, 4) mesh", mem8, "ratio", mem8 / mem1)
+      np.testing.assert_allclose(float(l8), float(l1), rtol=1e-5)
+      np.testing.assert_allclose(float(g8), float(g1), rtol=1e-4)
+      worst = 0.0
+      for a, b, p0 in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), jax.tree.leaves(params)):
+        update = float(np.abs(np.asarray(a) - np.asarray(p0)).max())
+        diff = float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        if update > 1e-6:
+          worst = max(worst, diff / update)
+        assert diff <= 1e-3 * update + 1e-7, (diff, update)
+      print(name, "max |p1 - p8| / max |update| (leaves with updates > 1e-6)", worst)
+      for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+      # Halo exchange between depth neighbours, and the activations really are split (not gathered).
+      assert "collective-permute" in hlo, "no halo exchange in the partitioned step"
+      assert mem8 < 0.4 * mem1, (mem8, mem1)
+
+      if name == "unet3d":   # sliding-window inference with a depth-split predictor equals the 1-device one
+        try:
+          from lungct.tasks.segment import sliding_window_inference
+        except ImportError:
+          from lungct.segment import sliding_window_inference
+        def predict(p, s, x):
+          return jax.nn.sigmoid(nnx.merge(graphdef, p, s)(x, train=False))
+        volume = rng.standard_normal((1, 40, 20, 20, 1), dtype=np.float32)
+        roi, windows = (16, 16, 16), jax.ShapeDtypeStruct((2, 16, 16, 16, 1), jnp.float32)
+        pred1 = jax.jit(predict).lower(p1, s1, windows).compile()
+        ref = sliding_window_inference(lambda w: pred1(p1, s1, w), volume, roi, 0.25, sw_batch_size=2)
+        with jax.set_mesh(mesh):
+          pred8 = jax.jit(predict, in_shardings=(repl, repl, img_sh), out_shardings=img_sh).lower(
+              p1, s1, windows).compile()
+          assert "collective-permute" in pred8.as_text()
+          out = sliding_window_inference(lambda w: pred8(p1, s1, jax.device_put(w, img_sh)), volume, roi, 0.25,
+                                         sw_batch_size=2)
+        print(name, "sliding window max |diff|", float(np.abs(out - ref).max()))
+        assert out.shape == (1, 40, 20, 20, 1)
+        np.testing.assert_allclose(out, ref, atol=2e-5)
+    for name in sys.argv[1:]:
+      try:
+        check(name)
+        print("OK", name)
+      except Exception:
+        print("FAILED", name, traceback.format_exc())
+""")
+
+
+def _run(*args):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-c", SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+MODELS = ("cnn3d", "resnet3d", "unet3d")
+
+
+@pytest.fixture(scope="module")
+def spatial_run():
+  """One subprocess (one JAX start) checks every model; each test reads its model's lines."""
+  return _run(*MODELS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_space_split_matches_one_device(spatial_run, name):
+  out = spatial_run
+  lines = [l for l in out.stdout.splitlines() if l.split(" ")[:1] == [name] or l.startswith(("OK " + name,
+                                                                                              "FAILED " + name))]
+  assert f"OK {name}" in out.stdout, out.stdout[-6000:] + out.stderr[-3000:]
+  print("\n".join(lines))
+
+
+def test_constrain_spatial_is_a_noop_without_a_space_axis():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh
+  from lungct import sharding
+  x = jnp.ones((2, 8, 4, 4, 1))
+  assert sharding.space_size() == 1 and sharding.constrain_spatial(x) is x
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "space"))
+  with jax.set_mesh(mesh):
+    assert sharding.space_size() == 1 and sharding.spatial_spec(x) is None
+    assert sharding.constrain_spatial(x) is x
+  data_only = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  with jax.set_mesh(data_only):
+    assert sharding.spatial_spec(x) is None
+
+
+def test_spatial_spec_rules():
+  """Batch over data when it divides; depth over space only with >= 2 slices per device (see lungct/sharding.py)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+  from lungct import sharding
+  vol = lambda b, d: jax.ShapeDtypeStruct((b, d, 8, 8, 1), jnp.float32)
+  auto = AbstractMesh((2, 4), ("data", "space"))
+  assert sharding.space_size(auto) == 4
+  assert sharding.spatial_spec(vol(4, 32), auto) == P("data", "space", None, None, None)
+  assert sharding.spatial_spec(vol(4, 9), auto) == P("data", "space", None, None, None)   # uneven: XLA pads
+  assert sharding.spatial_spec(vol(4, 4), auto) == P("data", None, None, None, None)     # 1 slice per device
+  assert sharding.spatial_spec(vol(3, 32), auto) == P(None, "space", None, None, None)   # odd batch
+  explicit = AbstractMesh((2, 4), ("data", "space"), axis_types=(AxisType.Explicit,) * 2)
+  assert sharding.spatial_spec(vol(4, 32), explicit) == P("data", "space", None, None, None)
+  assert sharding.spatial_spec(vol(4, 34), explicit) == P("data", None, None, None, None)  # reshard needs even
+
+
+@pytest.mark.parametrize("name", ["fullres_unet", "fullres_resnet"])
+def test_fullres_configs_are_valid_and_split_depth(name):
+  """The full-resolution configs pass the config checks on 8 devices and their input is split over space."""
+  import importlib
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from jax.sharding import AbstractMesh
+  from lungct import config_check, models, sharding, tasks
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert c.dtype == "bfloat16" and c.model.remat and c.mesh.space > 1
+  spacing = c.data.target_spacing
+  assert all(1.0 <= s <= 1.5 for s in spacing) and len(set(spacing)) == 1   # isotropic 1.0-1.5 mm
+  devices = 8
+  task = tasks.get(c)
+  config_check.validate(c, num_devices=devices // c.mesh.space, task_errors=task.check(c),
+                        input_shape=task.input_shape(c))
+  abstract = nnx.eval_shape(lambda: models.create_model(c.model, num_outputs=1, dtype=jnp.bfloat16,
+                                                        rngs=nnx.Rngs(0)))
+  params = nnx.state(abstract, nnx.Param)
+  assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) > 1e6
+  mesh = AbstractMesh((devices // c.mesh.space, c.mesh.space), ("data", "space"))
+  x = jax.ShapeDtypeStruct((c.train.batch_size, *c.data.shape, 1), jnp.bfloat16)
+  assert sharding.spatial_spec(x, mesh)[1] == "space"
