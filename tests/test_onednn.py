@@ -128,7 +128,7 @@ def test_missing_compiler_falls_back_with_one_warning(tmp_path):
     lambda impl: ResNet3D(num_outputs=3, depth=10, width=4, conv_impl=impl, rngs=nnx.Rngs(0)),
 ])
 def test_models_same_outputs_and_gradients(make):
-  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 16, 16, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 16, 1))
 
   def loss_and_grads(impl):
     graphdef, params, stats = nnx.split(make(impl), nnx.Param, nnx.BatchStat)
