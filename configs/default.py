@@ -72,9 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The model: its name plus every constructor option (defaults come from the constructor, lungct/models/).
   # The tutorial CNN is (64, 64, 128, 256) filters with dense 512; narrower here for CPU. BN momentum 0.9:
-  # Keras' 0.99 needs far more steps than a CPU demo runs. im2col trains ~1.4x faster on CPU.
+  # Keras' 0.99 needs far more steps than a CPU demo runs. onednn: oneDNN convolutions inside the jitted step
+  # (5.1x the previous im2col default on this config's train step, benchmarks/README.md; XLA's convolution, with
+  # one warning line, where the extension cannot be built, and on GPU/TPU).
   c.model = models.model_config("cnn3d", features=(16, 16, 32, 64), dense=128, dropout=0.3, bn_momentum=0.9,
-                                conv_impl="im2col")
+                                conv_impl="onednn")
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.space = 1                # devices that split each volume's depth (spatial partitioning); the rest split

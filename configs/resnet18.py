@@ -9,7 +9,7 @@ from lungct import models
 def get_config():
   c = default.get_config()
   # MedicalNet/torchvision use width 64; 16 keeps CPU runs short
-  c.model = models.model_config("resnet3d", depth=18, width=16, dropout=0.2, conv_impl="im2col")
+  c.model = models.model_config("resnet3d", depth=18, width=16, dropout=0.2, conv_impl="onednn")
   c.data.shape = (48, 64, 64)
   c.train.optimizer = "adamw"
   c.train.schedule = "warmup_cosine"
