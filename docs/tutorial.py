@@ -143,9 +143,9 @@ print(f"lesion burden: {lesion.sum() / lung.sum():.1%} of the lung volume")
 
 # %% [markdown]
 # Scans arrive as files. NIfTI (`.nii.gz`) stores the array, the spacing and an **affine** matrix from voxel
-# indices to millimetres in patient space. `nifti.load_scan` reorients every scan to the canonical **RAS** axis
-# order (x to the patient's Right... strictly: increasing x = towards the patient's left-to-Right axis, y to
-# Anterior, z to Superior), applies the stored HU scaling and checks the values look like CT.
+# indices to millimetres in patient space. `nifti.load_scan` reorients every scan to the canonical **RAS+**
+# axis order (x increases toward the patient's Right, y toward Anterior, z toward Superior, whatever order the
+# scanner wrote), applies the stored HU scaling and checks that the values look like CT.
 
 # %%
 scan_dir = os.path.join(ROOT, "scans")
@@ -206,20 +206,20 @@ def nodule_crop(ph, size_mm=48.0, target=(1.0, 1.0, 1.0)):
     hu = np.median(vol[sl][comp])
     score = (hu > -200, -abs(1 - fill), comp.sum() > 4)                   # solid first, then round
     if best is None or score > best[0]:
-      best = (score, ndimage.center_of_mass(labels == i), extent_mm, hu)
-  _, center, extent_mm, hu = best
+      best = (score, i, extent_mm, hu)
+  _, i, extent_mm, hu = best
   half = np.round(size_mm / 2 / sp).astype(int)
-  c = np.round(center).astype(int)
+  c = np.round(ndimage.center_of_mass(labels == i)).astype(int)
   box = tuple(slice(max(0, ci - h), ci + h) for ci, h in zip(c, half))
   crop = preprocess.resample_to_spacing(vol[box], sp, target, order=1)
-  crop_mask = preprocess.resample_to_spacing(msk[box], sp, target, order=0)
+  crop_mask = preprocess.resample_to_spacing((labels[box] == i).astype(np.uint8), sp, target, order=0)
   return crop, crop_mask, extent_mm, hu, n
 
 
 crop, crop_mask, extent_mm, crop_hu, n_lesions = nodule_crop(ph)
 print(f"{n_lesions} connected lesions; chosen: extent {np.round(extent_mm, 1).tolist()} mm (z, y, x), "
       f"median {crop_hu:.0f} HU; crop resampled to {crop.shape} voxels of 1 mm")
-show(viz.orthogonal_views(crop, mask=crop_mask, spacing=(1, 1, 1),
+show(viz.orthogonal_views(crop, mask=crop_mask, spacing=(1, 1, 1),   # centred on the chosen lesion's mask
                           title="Lesion crop, 1 mm isotropic, lung window"), "04_nodule_crop")
 
 # %% [markdown]
