@@ -13,6 +13,7 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "nibabel>=5.0",
+        "pydicom>=3.0",
         "numpy>=1.26",
         "scipy>=1.11",
         "tensorflow-datasets>=4.9.8",

@@ -9,23 +9,55 @@ from lungct import models
 
 
 def get_data_config() -> ml_collections.ConfigDict:
-  """Dataset and preprocessing. Everything that changes the built dataset lives here."""
+  """Dataset and preprocessing. Everything that changes the built dataset lives here.
+
+  Geometry (docs/data.md): resample to target_spacing (mm), then fit to shape by
+  "resize" (stretch: millimetres lost) or "crop_or_pad" (cut / pad with air: millimetres
+  kept), the crop centred on the scan or on the lesion mask.
+  """
   d = ml_collections.ConfigDict()
-  d.source = "synthetic"          # synthetic | mosmeddata | folder
+  d.source = "synthetic"          # synthetic | nodules | folder | dicom | mosmeddata | medmnist
   d.data_dir = "data/tfds"        # where TFDS writes the ArrayRecord dataset
-  d.manual_dir = ""               # mosmeddata: folder holding CT-0..CT-4; folder: folder of scans
-  d.labels_csv = ""               # folder: CSV of filename,label[,patient_id]
-  d.num_scans = 160               # synthetic: how many phantoms to generate
-  d.phantom_seed = 0              # synthetic: the phantom set's seed
+  d.manual_dir = ""               # folder / dicom / mosmeddata: folder of scans; medmnist: the .npz or its folder
+  d.labels_csv = ""               # folder / dicom: CSV of filename,label[,patient_id][,grade][,mask]
+  d.num_scans = 160               # synthetic / nodules: how many to generate
+  d.phantom_seed = 0              # synthetic / nodules: the set's seed
+  d.medmnist_flag = "nodulemnist3d"  # medmnist: <flag>.npz (28^3) or <flag>_64.npz
+  d.medmnist_size = 28            # medmnist: 28 | 64
   d.shape = (48, 64, 64)          # preprocessed volume (depth, height, width); the tutorial CNN needs >= 46
   d.hu_window = (-1000.0, 400.0)  # lung window, mapped to [0, 1]
-  d.target_spacing = ()           # (z, y, x) mm; empty = resize only
-  d.split_fractions = (0.7, 0.15, 0.15)  # train / validation / test, by patient
+  d.target_spacing = ()           # mm per voxel: one number (isotropic) or (z, y, x); empty = keep the scan's
+  d.fit = "resize"                # resize (stretch to shape) | crop_or_pad (keep mm; pad with air, -1000 HU)
+  d.crop_center = "center"        # crop_or_pad: center | mask (centre of the lesion mask's bounding box)
+  d.min_extent_mm = 5.0           # a scan must span >= this many mm along every axis (else skipped, reported)
+  d.split_fractions = (0.7, 0.15, 0.15)  # train / validation / test, by patient (medmnist keeps its own)
   d.split_seed = 0
   d.on_bad_scan = "skip"          # skip | fail
   d.label = "binary"              # binary (normal vs abnormal) | grade (severity CT-0..CT-4)
   d.num_classes = 5               # label=grade: number of severity grades
   return d
+
+
+def get_loader_config() -> ml_collections.ConfigDict:
+  """config.loader: how batches are read (does not change the dataset)."""
+  c = ml_collections.ConfigDict()
+  c.num_threads = 2               # grain reader threads
+  c.prefetch = 4                  # batches read ahead
+  return c
+
+
+def get_augment_config() -> ml_collections.ConfigDict:
+  """config.augment: on-device 3D augmentation, training only (lungct.data.augment)."""
+  a = ml_collections.ConfigDict()
+  a.enabled = True
+  a.max_rotate_deg = 10.0         # rotation in the axial plane, uniform in +-max
+  a.flip_lr = True                # left-right (W) flip
+  a.flip_axes = ()                # more random flips: axes of (D, H, W), e.g. (0, 1, 2)
+  a.rot90 = "none"                # none | axial (k * 90 deg in H, W; needs H == W) | all (24 cube rotations; needs D == H == W)
+  a.scale_jitter = 0.0            # zoom by a factor uniform in [1 - s, 1 + s] (about the centre)
+  a.intensity_shift = 0.05
+  a.intensity_scale = 0.05
+  return a
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,16 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay float32)
   c.data = get_data_config()
 
-  c.loader = ml_collections.ConfigDict()
-  c.loader.num_threads = 2        # grain reader threads
-  c.loader.prefetch = 4           # batches read ahead
-
-  c.augment = ml_collections.ConfigDict()  # on-device 3D augmentation, inside the jitted train step
-  c.augment.enabled = True
-  c.augment.max_rotate_deg = 10.0   # rotation in the axial plane
-  c.augment.flip_lr = True
-  c.augment.intensity_shift = 0.05
-  c.augment.intensity_scale = 0.05
+  c.loader = get_loader_config()
+  c.augment = get_augment_config()
 
   # The model: its name plus every constructor option (defaults come from the constructor, lungct/models/).
   # The tutorial CNN is (64, 64, 128, 256) filters with dense 512; narrower here for CPU. BN momentum 0.9:

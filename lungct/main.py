@@ -91,9 +91,9 @@ def main(argv):
 def known_errors() -> tuple[type[BaseException], ...]:
   """Errors that are the user's input, said in one line without a traceback."""
   from lungct import checkpoint, config_check, tasks
-  from lungct.data import nifti
+  from lungct.data import errors
   return (config_check.ConfigError, tasks.TaskError, checkpoint.CheckpointError, FloatingPointError,
-          nifti.ScanError, FileNotFoundError)
+          errors.DataError, FileNotFoundError)
 
 
 def run(config, workdir: str, mode: str = "train", *, split: str = "test", checkpoint_path: str = "",

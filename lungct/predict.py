@@ -41,7 +41,7 @@ def output_name(path: str, root: str) -> str:
 
 
 def scan_input(path: str, data_cfg) -> np.ndarray:
-  """float32 (D, H, W): the model input for the scan at ``path`` (nifti.ScanError if it cannot be used)."""
+  """float32 (D, H, W, 1): the model input for the scan at ``path`` (nifti.ScanError if it cannot be used)."""
   return preprocess.model_input(nifti.load_scan(path), data_cfg)
 
 
@@ -79,7 +79,7 @@ def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_pa
   n = runtime.data_size(predictor.mesh)
   for path in files:
     try:
-      image = scan_input(path, config.data)[None, ..., None]
+      image = scan_input(path, config.data)[None]
     except nifti.ScanError as e:
       print(f"SKIPPED {e}")
       rows.append({"file": path, "probability": "", "decision": "", "error": e.reason})

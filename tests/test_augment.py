@@ -90,3 +90,55 @@ def test_masks_follow_geometry_not_intensity():
   mask = np.asarray(mask)
   assert np.all(mask[ref > 0.75] == 1) and np.all(mask[ref < 0.25] == 0)
   assert not np.array_equal(mask, m)  # it did move
+
+
+def _rotations_24(v):
+  """The 24 proper rotations of a cube-shaped (D, H, W) array, by numpy."""
+  out = []
+  for axes in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):  # Which axis points "up".
+    u = np.transpose(v, axes)
+    for up in (u, np.rot90(u, 2, axes=(0, 1))):
+      for k in range(4):
+        out.append(np.rot90(up, k, axes=(1, 2)))
+  return out
+
+
+def test_flip_axes_flip_exactly_along_each_axis():
+  x = volumes(b=16, shape=(4, 5, 6))
+  out = np.asarray(augment.augment_batch(jax.random.key(4), x, cfg(flip_axes=(0,))))
+  xs = np.asarray(x)
+  flipped = [np.array_equal(out[i], xs[i, ::-1]) for i in range(16)]
+  assert all(f or np.array_equal(out[i], xs[i]) for i, f in enumerate(flipped))
+  assert 0 < sum(flipped) < 16
+
+
+def test_rot90_axial_and_all_are_exact_rotations():
+  x = volumes(b=12, shape=(5, 5, 5))
+  xs = np.asarray(x)[..., 0]
+  axial = np.asarray(augment.augment_batch(jax.random.key(5), x, cfg(rot90="axial")))[..., 0]
+  for i in range(12):
+    assert any(np.array_equal(axial[i], np.rot90(xs[i], k, axes=(1, 2))) for k in range(4))
+  full = np.asarray(augment.augment_batch(jax.random.key(6), x, cfg(rot90="all")))[..., 0]
+  seen = set()
+  for i in range(12):
+    matches = [j for j, r in enumerate(_rotations_24(xs[i])) if np.array_equal(full[i], r)]
+    assert matches, "not a proper rotation (a reflection or a resampled volume)"
+    seen.add(matches[0])
+  assert len(seen) > 3  # Different examples draw different rotations.
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="D == H == W"):
+    augment.augment_batch(jax.random.key(0), volumes(b=1, shape=(4, 5, 5)), cfg(rot90="all"))
+
+
+def test_scale_jitter_moves_a_marker_radially():
+  x = np.zeros((9, 9, 9, 1), np.float32)
+  x[4, 4, 6, 0] = 1.0  # 2 voxels right of the centre (4, 4, 4).
+  out = np.asarray(augment.scale_about_center(jnp.asarray(x), jnp.float32(1.5), order=0))
+  # Zoom 1.5: output (4, 4, 7) samples input 4 + 3 / 1.5 = 6 -> the marker lands 3 voxels out.
+  assert out[4, 4, 7, 0] == 1.0 and out[4, 4, 6, 0] == 0.0
+  c = cfg(scale_jitter=0.2)
+  outs = np.asarray(augment.augment_batch(jax.random.key(7), jnp.asarray(np.stack([x] * 8)), c))
+  for o in outs:  # linear interpolation: the mass centre sits at 2 * s, s in [0.8, 1.2]
+    w = np.arange(9)
+    com = (o[..., 0].sum((0, 1)) * w).sum() / o.sum()
+    assert 4 + 2 * 0.8 - 0.05 <= com <= 4 + 2 * 1.2 + 0.05

@@ -161,7 +161,47 @@ def test_not_hounsfield(tmp_path):
 
 
 def test_too_few_voxels(tmp_path):
-  _raises(_save(_ct_like((4, 20, 20)), np.eye(4), tmp_path / "thin.nii"), "too few voxels")
+  # The size rule is in mm now (preprocess.check_geometry); the reader only needs 2 voxels per axis.
+  _raises(_save(_ct_like((1, 20, 20)), np.eye(4), tmp_path / "flat.nii"), "too few voxels")
+  scan = nifti.load_scan(_save(_ct_like((20, 20, 3)), np.diag([0.7, 0.7, 2.5, 1]), tmp_path / "thin.nii"))
+  assert scan.volume.shape == (20, 20, 3)  # a 3-slice crop was refused before (>= 8 per axis)
+
+
+def test_spacing_comes_from_the_affine_not_pixdim(tmp_path):
+  # sform says 6 mm slices, pixdim says 1 mm: the affine used to reorient wins (before: 1 mm).
+  img = nib.Nifti1Image(_ct_like(), np.diag([0.8, 0.8, 6.0, 1.0]))
+  img.header.set_zooms((1.0, 1.0, 1.0))
+  img.set_sform(np.diag([0.8, 0.8, 6.0, 1.0]), code=1)
+  img.set_qform(None, code=0)
+  nib.save(img, str(tmp_path / "disagree.nii"))
+  assert nib.load(str(tmp_path / "disagree.nii")).header.get_zooms() == (1.0, 1.0, 1.0)
+  scan = nifti.load_scan(tmp_path / "disagree.nii")
+  np.testing.assert_allclose(scan.spacing, [0.8, 0.8, 6.0])
+  # An oblique affine: 2 mm voxels rotated 30 degrees in-plane still measure 2 mm.
+  c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+  aff = np.array([[2 * c, -2 * s, 0, 0], [2 * s, 2 * c, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1.0]])
+  np.testing.assert_allclose(nifti.spacing_from_affine(aff), [2.0, 2.0, 3.0])
+
+
+def test_mri_range_intensities_are_not_ct(tmp_path):
+  # An MRI-like volume: background -1000 after an offset, tissue 200..30393 (before: accepted).
+  rng = np.random.default_rng(0)
+  vol = np.full((12, 12, 12), -1000, np.int16)
+  vol[2:10, 2:10, 2:10] = rng.integers(200, 30394, (8, 8, 8))
+  _raises(_save(vol, np.eye(4), tmp_path / "mri.nii"), "exceed 3071 HU")
+  # A CT with a few metal-artefact voxels (0.1%) above 3071 is still CT.
+  ct = _ct_like((10, 10, 10))
+  ct[0, 0, 0] = 8000
+  assert nifti.load_scan(_save(ct, np.eye(4), tmp_path / "metal.nii")).volume.max() == 8000
+
+
+def test_complex_data_is_refused(tmp_path):
+  vol = _ct_like().astype(np.complex64) + 500j
+  path = _save(vol, np.eye(4), tmp_path / "complex.nii")
+  import warnings  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # before: numpy's ComplexWarning and the imaginary part dropped
+    _raises(path, "complex-valued")
 
 
 def test_validate_volume_rules():

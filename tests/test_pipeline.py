@@ -142,3 +142,43 @@ def test_steps_per_epoch():
   assert pipeline.steps_per_epoch(10, 4) == 2
   assert pipeline.steps_per_epoch(10, 4, drop_remainder=False) == 3
   assert pipeline.steps_per_epoch(8, 4) == 2
+
+
+def test_decode_types_every_field_and_passes_others():
+  ex = {"image": np.full((2, 2, 2, 1), 0.25, np.float16), "mask": np.ones((2, 2, 2, 1), np.uint8),
+        "label": np.int64(1), "grade": np.int64(3), "study_id": b"s\xc3\xa9", "patient_id": np.bytes_(b"p1"),
+        "spacing": np.array([2.5, 0.7, 0.7]), "voxel_spacing": np.array([1.0, 1.0, 1.0]),
+        "orig_shape": np.array([6, 44, 44]), "extra": "kept"}
+  d = pipeline.decode(ex)
+  assert d["image"].dtype == np.float32 and d["image"][0, 0, 0, 0] == 0.25
+  assert d["label"] == 1 and type(d["label"]) is int and d["grade"] == 3 and type(d["grade"]) is int
+  assert d["study_id"] == "sé" and d["patient_id"] == "p1"
+  assert d["spacing"].dtype == np.float32 and d["voxel_spacing"].dtype == np.float32
+  assert d["orig_shape"].dtype == np.int32 and d["extra"] == "kept"
+  b = pipeline.collate([ex, ex])
+  assert b["label"].dtype == np.int32 and b["study_id"].tolist() == ["sé", "sé"]
+  assert b["voxel_spacing"].shape == (2, 3)
+
+
+def test_patient_level_is_the_max_over_nodules():
+  prob = [0.1, 0.8, 0.3, 0.2, 0.6]
+  label = [0, 1, 0, 0, 0]
+  pids = ["b", "a", "a", "c", b"c"]
+  out = pipeline.patient_level(prob, label, pids)
+  assert out["patient_id"].tolist() == ["a", "b", "c"]
+  np.testing.assert_allclose(out["prob"], [0.8, 0.1, 0.6])
+  assert out["label"].tolist() == [1, 0, 0] and out["count"].tolist() == [2, 1, 2]
+  with pytest.raises(ValueError, match="differ in length"):
+    pipeline.patient_level([0.1], [0, 1], ["a"])
+
+
+def test_iterate_reads_loader_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import default as d  # pylint: disable=g-import-not-at-top
+  loader = d.get_loader_config()
+  assert set(loader) == {"num_threads", "prefetch"}
+  assert "num_threads" not in d.get_data_config() and "augment" not in d.get_data_config()
+  ds = pipeline.make_dataset(FakeSource(6), global_batch_size=3, seed=0, num_epochs=1,
+                             process_index=0, process_count=1)
+  got = [ids(b) for b in pipeline.iterate(ds, loader=ml_collections.ConfigDict(dict(num_threads=1, prefetch=1)))]
+  assert got == [ids(ds[0]), ids(ds[1])]

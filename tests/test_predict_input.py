@@ -27,9 +27,9 @@ def test_predict_input_equals_the_stored_training_example(tmp_path):
     for i in range(len(source)):
       ex = source[i]
       sid = ex["study_id"].decode() if isinstance(ex["study_id"], bytes) else str(ex["study_id"])
-      stored = np.asarray(ex["image"])[..., 0].astype(np.float32)
+      stored = np.asarray(ex["image"])
       given = predict.scan_input(str(scans / f"{sid}.nii.gz"), c.data)
-      assert given.dtype == np.float32 and given.shape == stored.shape
+      assert given.dtype == stored.dtype == np.float32 and given.shape == stored.shape
       assert given.tobytes() == stored.tobytes(), f"{sid}: predict input differs from the stored example"
       compared += 1
   assert compared == 6

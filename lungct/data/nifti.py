@@ -14,8 +14,12 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-# Plausibility rules for a CT volume (see `validate_volume`).
-MIN_AXIS_VOXELS = 8
+from lungct.data.errors import ScanError
+
+# Plausibility rules for a CT volume (see `validate_volume`). The minimum size of a
+# usable scan is a rule in millimetres that depends on the geometry chosen
+# (`lungct.data.preprocess.check_geometry`); here only "3D with >= 2 voxels per axis".
+MIN_AXIS_VOXELS = 2
 MAX_SPACING_MM = 20.0
 # CT in HU always shows air (about -1000) and soft tissue (about 0..+60) in
 # the field of view. Requiring min < -500 and max > -200 rejects raw
@@ -23,18 +27,12 @@ MAX_SPACING_MM = 20.0
 # normalised images (e.g. [0, 1] or [-1, 1]) and volumes of air only.
 HU_MIN_BELOW = -500.0
 HU_MAX_ABOVE = -200.0
-
-
-class ScanError(ValueError):
-  """A scan that cannot be used; names the file and the problem."""
-
-  def __init__(self, path: str | os.PathLike, reason: str):
-    self.path = str(path)
-    self.reason = reason
-    super().__init__(f"{self.path}: {reason}")
-
-  def __reduce__(self):  # Picklable across worker processes.
-    return (type(self), (self.path, self.reason))
+# The standard 12-bit CT range ends at 3071 HU (dense bone, contrast, metal clips).
+# Metal or streak artefacts can exceed it in a few voxels; an MRI or any other
+# non-HU image puts much of its tissue above it. More than this fraction of voxels
+# above 3071 HU is not CT.
+HU_TOP = 3071.0
+MAX_FRACTION_ABOVE_TOP = 0.005
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -57,17 +55,20 @@ def validate_volume(volume: np.ndarray, spacing: Sequence[float],
                     path: str | os.PathLike = "<array>") -> None:
   """Raises ScanError unless `volume` (x, y, z) HU and `spacing` look like CT.
 
-  Checks: 3 dimensions, >= MIN_AXIS_VOXELS voxels per axis, finite spacing in
-  (0, MAX_SPACING_MM] mm, finite voxels, not constant, and HU-like intensities
-  (min < HU_MIN_BELOW and max > HU_MAX_ABOVE).
+  Checks: 3 dimensions, real-valued, >= MIN_AXIS_VOXELS voxels per axis, finite
+  spacing in (0, MAX_SPACING_MM] mm, finite voxels, not constant, and HU-like
+  intensities (min < HU_MIN_BELOW, max > HU_MAX_ABOVE, at most
+  MAX_FRACTION_ABOVE_TOP of the voxels above HU_TOP).
   """
   volume = np.asarray(volume)
   spacing = np.asarray(spacing, dtype=np.float64)
   if volume.ndim != 3:
     raise ScanError(path, f"expected a 3D volume, got {volume.ndim}D with shape {volume.shape}")
+  if np.iscomplexobj(volume):
+    raise ScanError(path, f"complex-valued voxels ({volume.dtype}): not a CT magnitude image")
   if min(volume.shape) < MIN_AXIS_VOXELS:
     raise ScanError(path, f"too few voxels along an axis: shape {volume.shape} "
-                          f"(need >= {MIN_AXIS_VOXELS} per axis)")
+                          f"(need >= {MIN_AXIS_VOXELS} per axis to interpolate)")
   if spacing.shape != (3,):
     raise ScanError(path, f"expected 3 spacing values, got {spacing.tolist()}")
   if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) or np.any(spacing > MAX_SPACING_MM):
@@ -84,6 +85,10 @@ def validate_volume(volume: np.ndarray, spacing: Sequence[float],
     raise ScanError(path, f"intensities [{vmin:g}, {vmax:g}] do not look like Hounsfield units "
                           f"(CT needs air: min < {HU_MIN_BELOW:g}, and tissue: max > {HU_MAX_ABOVE:g}); "
                           "missing scl_slope/scl_inter or not a CT?")
+  above = float(np.count_nonzero(volume > HU_TOP)) / volume.size
+  if above > MAX_FRACTION_ABOVE_TOP:
+    raise ScanError(path, f"{100 * above:.1f}% of voxels exceed {HU_TOP:g} HU (max {vmax:g}): "
+                          "not CT Hounsfield units (an MRI or a rescaled image?)")
 
 
 def load_scan(path: str | os.PathLike) -> Scan:
@@ -108,6 +113,8 @@ def load_scan(path: str | os.PathLike) -> Scan:
     shape = img.shape
   if len(shape) != 3:
     raise ScanError(path, f"expected a 3D volume, got {len(shape)}D with shape {shape}")
+  if np.dtype(img.get_data_dtype()).kind == "c":
+    raise ScanError(path, f"complex-valued voxels ({img.get_data_dtype()}): not a CT magnitude image")
   try:
     img = nib.as_closest_canonical(img)
     # Reading the data here makes truncated or corrupt files fail now.
@@ -115,10 +122,18 @@ def load_scan(path: str | os.PathLike) -> Scan:
   except Exception as e:
     raise ScanError(path, f"cannot read voxel data, truncated or corrupt file? "
                           f"({type(e).__name__}: {e})") from e
-  spacing = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+  # The voxel size is that of the affine used to reorient (the sform or qform nibabel
+  # chose), not the header's pixdim: the two can disagree.
+  spacing = spacing_from_affine(img.affine)
   validate_volume(volume, spacing, path)
   return Scan(volume=volume, spacing=spacing, affine=np.asarray(img.affine, dtype=np.float64),
               path=path)
+
+
+def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
+  """Voxel size (mm) per array axis: the lengths of the affine's first three columns."""
+  affine = np.asarray(affine, dtype=np.float64)
+  return np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
 
 
 def save_scan(volume_xyz: np.ndarray, spacing: Sequence[float], path: str | os.PathLike,

@@ -21,8 +21,12 @@ import numpy as np
 
 Batch = dict[str, np.ndarray]
 
-_DTYPES = {"image": np.float32, "label": np.int32, "grade": np.int32, "mask": np.uint8,
-           "spacing": np.float32, "orig_shape": np.int32}
+_ARRAY_DTYPES = {"image": np.float32, "mask": np.uint8, "spacing": np.float32,
+                 "voxel_spacing": np.float32, "orig_shape": np.int32}
+_INT_KEYS = ("label", "grade")
+_TEXT_KEYS = ("study_id", "patient_id")
+# Batch dtypes of the scalar keys (stacked by `collate`).
+_BATCH_INT = np.int32
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int, drop_remainder: bool = True) -> int:
@@ -32,22 +36,80 @@ def steps_per_epoch(num_examples: int, global_batch_size: int, drop_remainder: b
   return -(-num_examples // global_batch_size)
 
 
-def _to_text(x: Any) -> Any:
-  return x.decode("utf-8") if isinstance(x, bytes) else x
+def to_str(x: Any) -> str:
+  """A stored id (bytes from TFDS, numpy str, str) -> str."""
+  if isinstance(x, (bytes, np.bytes_)):
+    return bytes(x).decode("utf-8")
+  if isinstance(x, np.ndarray) and x.ndim == 0:
+    return to_str(x.item())
+  return str(x)
+
+
+def decode(example: Mapping[str, Any]) -> dict[str, Any]:
+  """One stored example -> typed numpy: THE way to read an example of the dataset.
+
+  image float32 (D, H, W, 1) (exactly `preprocess.model_input` of the scan), mask uint8
+  (D, H, W, 1), label and grade int, study_id and patient_id str, spacing (original
+  (z, y, x) mm), voxel_spacing (mm of one image voxel, (z, y, x)) float32 (3,),
+  orig_shape int32 (3,). Other keys pass through unchanged.
+  """
+  out = {}
+  for key, value in example.items():
+    if key in _ARRAY_DTYPES:
+      out[key] = np.asarray(value).astype(_ARRAY_DTYPES[key], copy=False)
+    elif key in _INT_KEYS:
+      out[key] = int(np.asarray(value))
+    elif key in _TEXT_KEYS:
+      out[key] = to_str(value)
+    else:
+      out[key] = value
+  return out
 
 
 def collate(examples: Sequence[Mapping[str, Any]]) -> Batch:
-  """List of TFDS examples -> dict of stacked numpy arrays (image float32, label int32, ...)."""
+  """List of stored examples -> dict of stacked numpy arrays (via `decode`): image
+  float32, label/grade int32, study_id/patient_id object arrays of str, ..."""
+  decoded = [decode(ex) for ex in examples]
   batch = {}
-  for key in examples[0]:
-    values = [ex[key] for ex in examples]
-    if key in ("study_id", "patient_id"):
+  for key in decoded[0]:
+    values = [ex[key] for ex in decoded]
+    if key in _TEXT_KEYS:
       arr = np.empty(len(values), dtype=object)
-      arr[:] = [_to_text(v) for v in values]
+      arr[:] = values
       batch[key] = arr
+    elif key in _INT_KEYS:
+      batch[key] = np.asarray(values, dtype=_BATCH_INT)
     else:
-      batch[key] = np.stack([np.asarray(v) for v in values]).astype(_DTYPES.get(key), copy=False)
+      batch[key] = np.stack([np.asarray(v) for v in values])
   return batch
+
+
+def patient_level(prob: Sequence[float], label: Sequence[int], patient_id: Sequence[Any]
+                  ) -> dict[str, np.ndarray]:
+  """Per-nodule (per-study) scores -> per-patient scores: max over a patient's studies.
+
+  A patient is positive when any of its studies is (max of labels) and scores the
+  highest probability among its studies (a patient with one malignant nodule is a
+  malignant patient). Pure numpy; feed the result to the same metrics as per-study.
+
+  Returns:
+    dict(patient_id=object (P,) str sorted, prob=float64 (P,), label=int32 (P,),
+    count=int32 (P,) studies per patient).
+  """
+  prob = np.asarray(prob, dtype=np.float64)
+  label = np.asarray(label)
+  pids = np.asarray([to_str(p) for p in patient_id], dtype=object)
+  if not (len(prob) == len(label) == len(pids)):
+    raise ValueError(f"prob, label and patient_id differ in length: {len(prob)}, {len(label)}, {len(pids)}")
+  uniq, inverse = np.unique(pids.astype(str), return_inverse=True)
+  p_prob = np.full(len(uniq), -np.inf)
+  np.maximum.at(p_prob, inverse, prob)
+  p_label = np.zeros(len(uniq), np.int64)
+  np.maximum.at(p_label, inverse, label.astype(np.int64))
+  out_ids = np.empty(len(uniq), dtype=object)
+  out_ids[:] = [str(u) for u in uniq]
+  return dict(patient_id=out_ids, prob=p_prob, label=p_label.astype(np.int32),
+              count=np.bincount(inverse, minlength=len(uniq)).astype(np.int32))
 
 
 class _HostBatch:
@@ -119,8 +181,14 @@ def make_dataset(source: Sequence[Mapping[str, Any]], *, global_batch_size: int,
 
 
 def iterate(ds: grain.MapDataset, start_step: int = 0, num_threads: int = 2,
-            prefetch: int = 4) -> Iterator[Batch]:
-  """Iterates `ds` from `start_step` with `num_threads` reader threads, `prefetch` batches ahead."""
+            prefetch: int = 4, *, loader: Any = None) -> Iterator[Batch]:
+  """Iterates `ds` from `start_step` with `num_threads` reader threads, `prefetch` batches ahead.
+
+  loader: optionally config.loader (num_threads, prefetch), overriding the two arguments.
+  """
+  if loader is not None:
+    num_threads = int(loader.get("num_threads", num_threads))
+    prefetch = int(loader.get("prefetch", prefetch))
   if start_step:
     ds = ds[start_step:]
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
@@ -147,14 +215,3 @@ def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
     batch["valid"] = valid
     yield batch
 
-
-def decode(example: Mapping[str, Any]) -> dict[str, Any]:
-  """One stored example -> typed numpy (ids as str) plus `voxel_spacing`: mm of one model-facing voxel (z, y, x)."""
-  out = {k: _to_text(v) if k in ("study_id", "patient_id") else np.asarray(v).astype(_DTYPES.get(k), copy=False)
-         for k, v in example.items()}
-  if "spacing" in out and "orig_shape" in out:
-    extent = out["spacing"].astype(np.float64) * out["orig_shape"]
-    out["voxel_spacing"] = (extent / np.asarray(out["image"].shape[:3])).astype(np.float32)
-  else:
-    out["voxel_spacing"] = np.ones(3, np.float32)
-  return out

@@ -2,6 +2,23 @@
 
 Model-facing volumes are (D, H, W) = (z, y, x); spacings follow the same
 axis order as the volume they describe.
+
+Geometry (`preprocess_arrays`), in this order:
+  1. `data.target_spacing` (mm; one number = isotropic, or (z, y, x); empty = keep):
+     resample so that one voxel is exactly that size (MONAI Spacing), centred on the
+     scan's centre, so a 4 mm nodule stays 4 mm.
+  2. `data.fit`: "resize" stretches the volume to `data.shape` (the whole scan fits,
+     millimetres are lost unless the aspect happens to match); "crop_or_pad" cuts or
+     pads (with air, -1000 HU) to `data.shape` without rescaling (MONAI
+     ResizeWithPadOrCrop), so millimetres are kept.
+  3. `data.crop_center` ("crop_or_pad" only): "center" keeps the middle of the scan;
+     "mask" keeps the centre of the lesion mask's bounding box (when a mask is given
+     and not empty), so the lesion is inside the crop whenever it fits.
+  4. `data.hu_window` -> [0, 1] (clipped), then rounded through `STORED_DTYPE`: what
+     the dataset stores and what the model sees, in training and at predict time.
+
+`model_input(scan, data_cfg)` is that whole chain for one scan; the dataset builder and
+`--mode=predict` both call it, so they feed the model the same values.
 """
 from __future__ import annotations
 
@@ -11,6 +28,16 @@ import numpy as np
 from scipy import ndimage
 
 from lungct.data import nifti
+from lungct.data.errors import ScanError
+
+AIR_HU = -1000.0
+# The dtype the dataset stores images in; `model_input` rounds through it so predict
+# feeds the model exactly the values training read back from the dataset.
+STORED_DTYPE = np.float16
+FITS = ("resize", "crop_or_pad")
+CROP_CENTERS = ("center", "mask")
+# A scan must span at least this many mm along every axis (data.min_extent_mm).
+DEFAULT_MIN_EXTENT_MM = 5.0
 
 
 def to_dhw(vol_xyz: np.ndarray) -> np.ndarray:
@@ -30,6 +57,45 @@ def scale_intensity_range(vol: np.ndarray, a_min: float, a_max: float, b_min: fl
   return out.astype(np.float32, copy=False)
 
 
+def crop_starts(in_shape: Sequence[int], shape: Sequence[int],
+                center: Sequence[float] | None = None) -> tuple[int, ...]:
+  """Start index per axis of a `shape` window in a volume of `in_shape`.
+
+  center None: the middle (when the difference is odd, the extra voxel is cropped
+  from / padded at the end). Otherwise the window is centred on `center` (voxel
+  coordinates) and shifted to stay inside the volume where the volume is larger than
+  the window, or to contain the whole volume where it is smaller.
+  """
+  starts = []
+  for i, (n, m) in enumerate(zip(in_shape, shape)):
+    if center is None:
+      start = (n - m) // 2 if n >= m else -((m - n) // 2)
+    else:
+      start = int(np.floor(float(center[i]) - (m - 1) / 2.0 + 0.5))
+      start = int(np.clip(start, 0, n - m)) if n >= m else int(np.clip(start, n - m, 0))
+    starts.append(start)
+  return tuple(starts)
+
+
+def crop_or_pad(vol: np.ndarray, shape: Sequence[int], starts: Sequence[int],
+                pad_value: float = 0.0) -> np.ndarray:
+  """The `shape` window of `vol` starting at `starts` (may be negative / run past the
+  end); voxels outside the volume are `pad_value`."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != vol.ndim or len(starts) != vol.ndim:
+    raise ValueError(f"shape {shape} / starts {tuple(starts)} do not match a {vol.ndim}D volume")
+  src, pad = [], []
+  for n, m, s in zip(vol.shape, shape, starts):
+    lo, hi = max(s, 0), min(s + m, n)
+    src.append(slice(lo, max(lo, hi)))
+    before = lo - s
+    pad.append((before, m - before - max(0, hi - lo)))
+  out = vol[tuple(src)]
+  if any(p != (0, 0) for p in pad):
+    out = np.pad(out, pad, mode="constant", constant_values=pad_value)
+  return out
+
+
 def center_crop_or_pad(vol: np.ndarray, shape: Sequence[int], pad_value: float = 0.0) -> np.ndarray:
   """Centre-crops or pads (with `pad_value`) every axis to `shape`.
 
@@ -38,21 +104,17 @@ def center_crop_or_pad(vol: np.ndarray, shape: Sequence[int], pad_value: float =
   shape = tuple(int(s) for s in shape)
   if len(shape) != vol.ndim:
     raise ValueError(f"shape {shape} does not match a {vol.ndim}D volume")
-  crop = []
-  pad = []
-  for n, m in zip(vol.shape, shape):
-    if n >= m:
-      start = (n - m) // 2
-      crop.append(slice(start, start + m))
-      pad.append((0, 0))
-    else:
-      before = (m - n) // 2
-      crop.append(slice(None))
-      pad.append((before, m - n - before))
-  out = vol[tuple(crop)]
-  if any(p != (0, 0) for p in pad):
-    out = np.pad(out, pad, mode="constant", constant_values=pad_value)
-  return out
+  return crop_or_pad(vol, shape, crop_starts(vol.shape, shape), pad_value)
+
+
+def mask_center(mask: np.ndarray | None) -> np.ndarray | None:
+  """Centre (voxel coordinates) of the bounding box of mask > 0; None if empty/absent."""
+  if mask is None:
+    return None
+  nz = np.nonzero(mask)
+  if not nz[0].size:
+    return None
+  return np.array([(a.min() + a.max()) / 2.0 for a in nz])
 
 
 def _fit_to_shape(vol: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -93,64 +155,205 @@ def resize(vol: np.ndarray, shape: Sequence[int], order: int = 1,
 
 
 def resample_to_spacing(vol: np.ndarray, spacing: Sequence[float], target_spacing: Sequence[float],
-                        order: int = 1) -> np.ndarray:
-  """Resamples to `target_spacing` (MONAI Spacing); spacings in the axis order of `vol`.
+                        order: int = 1, anti_aliasing: bool = False) -> np.ndarray:
+  """Resamples to exactly `target_spacing` mm per voxel (MONAI Spacing).
 
-  The output shape is round(shape * spacing / target_spacing), at least 1.
+  Spacings are in the axis order of `vol`. The output has round(n * spacing / target)
+  voxels per axis (at least 1), centred on the input's centre: output voxel i sits at
+  (i - (m - 1) / 2) * target mm from the centre, input voxel j at (j - (n - 1) / 2) *
+  spacing. Samples up to half a voxel beyond the edge repeat the edge voxel. So
+  physical sizes are kept exactly, whatever the rounding of the shape.
+
+  Args:
+    vol: the volume; order 0 keeps its dtype (label masks).
+    spacing: its voxel size (mm) per axis.
+    target_spacing: the wanted voxel size (mm) per axis.
+    order: 0 nearest neighbour, 1 linear.
+    anti_aliasing: Gaussian-smooth axes that shrink first (sigma = (target/spacing - 1) / 2 voxels).
   """
   spacing = np.asarray(spacing, dtype=np.float64)
   target = np.asarray(target_spacing, dtype=np.float64)
   if spacing.shape != (vol.ndim,) or target.shape != (vol.ndim,):
     raise ValueError(f"spacing {spacing.tolist()} / target {target.tolist()} must have {vol.ndim} values")
-  if np.any(target <= 0):
-    raise ValueError(f"target spacing must be > 0, got {target.tolist()}")
-  shape = np.maximum(1, np.rint(np.asarray(vol.shape) * spacing / target)).astype(int)
-  return resize(vol, tuple(shape), order=order)
+  if np.any(target <= 0) or np.any(spacing <= 0):
+    raise ValueError(f"spacings must be > 0, got {spacing.tolist()} -> {target.tolist()}")
+  n = np.asarray(vol.shape, dtype=np.float64)
+  shape = tuple(int(m) for m in np.maximum(1, np.rint(n * spacing / target)))
+  if shape == vol.shape and np.allclose(spacing, target):
+    return vol if order == 0 else vol.astype(np.float32, copy=False)
+  step = target / spacing  # Input voxels per output voxel.
+  offset = (n - 1) / 2.0 - (np.asarray(shape) - 1) / 2.0 * step
+  if order == 0:
+    # Nearest neighbour by index arithmetic (exact, keeps dtype and labels).
+    idx = [np.clip(np.floor(offset[a] + step[a] * np.arange(shape[a]) + 0.5), 0, vol.shape[a] - 1)
+           .astype(np.intp) for a in range(vol.ndim)]
+    return vol[np.ix_(*idx)]
+  vol = vol.astype(np.float32, copy=False)
+  if anti_aliasing and np.any(step > 1):
+    vol = ndimage.gaussian_filter(vol, np.maximum(0.0, (step - 1.0) / 2.0), mode="nearest")
+  out = ndimage.affine_transform(vol, step, offset=offset, output_shape=shape, order=order,
+                                 mode="nearest", prefilter=order > 1)
+  return out.astype(np.float32, copy=False)
 
 
-def _target_spacing(data_cfg: Any) -> tuple[float, ...]:
-  return tuple(float(s) for s in (data_cfg.get("target_spacing", ()) or ()))
+def target_spacing(data_cfg: Any) -> tuple[float, ...]:
+  """data.target_spacing as (z, y, x) mm, or () for "keep the scan's spacing".
+
+  Accepts one number (isotropic; 0 or negative = keep), or 1 or 3 numbers.
+  """
+  value = data_cfg.get("target_spacing", ()) if hasattr(data_cfg, "get") else ()
+  if value is None:
+    return ()
+  if isinstance(value, (int, float, np.number)):
+    return (float(value),) * 3 if float(value) > 0 else ()
+  value = tuple(float(v) for v in value)
+  if not value:
+    return ()
+  if len(value) == 1:
+    value = value * 3
+  if len(value) != 3 or min(value) <= 0:
+    raise ValueError(f"data.target_spacing must be one positive number or 3 (z, y, x), got {value}")
+  return value
+
+
+def _fit(data_cfg: Any) -> str:
+  fit = data_cfg.get("fit", "resize") or "resize"
+  if fit not in FITS:
+    raise ValueError(f"data.fit must be one of {FITS}, got {fit!r}")
+  return fit
+
+
+def _crop_center(data_cfg: Any) -> str:
+  center = data_cfg.get("crop_center", "center") or "center"
+  if center not in CROP_CENTERS:
+    raise ValueError(f"data.crop_center must be one of {CROP_CENTERS}, got {center!r}")
+  return center
+
+
+def check_geometry(shape_dhw: Sequence[int], spacing_dhw: Sequence[float], data_cfg: Any,
+                   path: str = "<array>") -> None:
+  """ScanError unless a scan of this shape and spacing can be preprocessed sensibly.
+
+  The rule is in millimetres: every axis must span at least data.min_extent_mm
+  (default 5 mm, below the smallest nodule worth reporting) and have 2 voxels (to
+  interpolate). So a 3-slice crop at 2.5 mm (7.5 mm) is kept. With fit="resize" the
+  volume is stretched to data.shape, so an axis may also not be stretched more than
+  data.max_stretch times (default 16) its physical extent in output voxels.
+  """
+  shape = np.asarray(shape_dhw, dtype=np.float64)
+  spacing = np.asarray(spacing_dhw, dtype=np.float64)
+  extent = shape * spacing
+  min_mm = float(data_cfg.get("min_extent_mm", DEFAULT_MIN_EXTENT_MM) or 0.0)
+  if np.any(shape < 2) or np.any(extent < min_mm):
+    axis = int(np.argmin(extent))
+    raise ScanError(path, f"too small: {'x'.join(str(int(s)) for s in shape)} voxels span "
+                          f"{' x '.join(f'{e:.1f}' for e in extent)} mm (z, y, x); axis {axis} "
+                          f"needs >= {min_mm:g} mm and >= 2 voxels (data.min_extent_mm)")
+  if _fit(data_cfg) == "resize":
+    target = np.asarray(target_spacing(data_cfg) or spacing)
+    n_after = np.maximum(1, np.rint(extent / target))
+    stretch = np.asarray(data_cfg.shape, dtype=np.float64) / n_after
+    max_stretch = float(data_cfg.get("max_stretch", 16.0) or np.inf)
+    if np.any(stretch > max_stretch):
+      raise ScanError(path, f"{'x'.join(str(int(s)) for s in shape)} voxels would be stretched "
+                            f"{stretch.max():.0f}x to data.shape {tuple(data_cfg.shape)} "
+                            f"(data.max_stretch={max_stretch:g}); use data.fit='crop_or_pad'")
+
+
+def round_stored(image: np.ndarray) -> np.ndarray:
+  """float32 values exactly as the dataset stores and reads them back (via STORED_DTYPE)."""
+  return np.asarray(image, dtype=np.float32).astype(STORED_DTYPE).astype(np.float32)
+
+
+def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cfg: Any,
+                      mask_dhw: np.ndarray | None = None, *, hu: bool = True) -> dict[str, np.ndarray]:
+  """One volume (and optional lesion mask) -> the model-facing arrays.
+
+  Args:
+    vol_dhw: (D, H, W) in HU (hu=True), or already in [0, 1] (hu=False: e.g. MedMNIST).
+    spacing_dhw: its voxel size (z, y, x) mm.
+    data_cfg: shape, hu_window, target_spacing, fit, crop_center, anti_aliasing.
+    mask_dhw: optional label mask (D, H, W), same grid as the volume.
+    hu: window data.hu_window to [0, 1] (padding is air, -1000 HU); False: clip to
+      [0, 1] (padding is 0).
+
+  Returns:
+    dict(image=float32 data.shape in [0, 1], rounded through STORED_DTYPE;
+    mask=uint8 data.shape (zeros without a mask); voxel_spacing=float32 (3,), the mm
+    of one output voxel (z, y, x)).
+  """
+  vol = np.asarray(vol_dhw, dtype=np.float32)
+  spacing = np.asarray(spacing_dhw, dtype=np.float64)
+  shape = tuple(int(s) for s in data_cfg.shape)
+  fit, anti_alias = _fit(data_cfg), bool(data_cfg.get("anti_aliasing", False))
+  mask = None if mask_dhw is None else np.asarray(mask_dhw).astype(np.uint8, copy=False)
+  if mask is not None and mask.shape != vol.shape:
+    raise ValueError(f"mask shape {mask.shape} differs from the volume's {vol.shape}")
+  target = target_spacing(data_cfg)
+  if target:
+    vol = resample_to_spacing(vol, spacing, target, order=1, anti_aliasing=anti_alias)
+    if mask is not None:
+      mask = resample_to_spacing(mask, spacing, target, order=0)
+    spacing = np.asarray(target, dtype=np.float64) * 1.0
+  pad = AIR_HU if hu else 0.0
+  if fit == "resize":
+    voxel_spacing = spacing * np.asarray(vol.shape) / np.asarray(shape)
+    vol = resize(vol, shape, order=1, anti_aliasing=anti_alias)
+    mask = None if mask is None else resize(mask, shape, order=0)
+  else:
+    center = mask_center(mask) if _crop_center(data_cfg) == "mask" else None
+    starts = crop_starts(vol.shape, shape, center)
+    vol = crop_or_pad(vol, shape, starts, pad)
+    mask = None if mask is None else crop_or_pad(mask, shape, starts, 0)
+    voxel_spacing = spacing
+  if hu:
+    a_min, a_max = (float(v) for v in data_cfg.hu_window)
+    vol = scale_intensity_range(vol, a_min, a_max, 0.0, 1.0, clip=True)
+  image = round_stored(np.clip(vol, 0.0, 1.0))
+  mask = np.zeros(shape, np.uint8) if mask is None else mask.astype(np.uint8, copy=False)
+  return dict(image=image, mask=mask, voxel_spacing=np.asarray(voxel_spacing, np.float32))
 
 
 def preprocess_volume(vol_dhw_hu: np.ndarray, spacing_dhw: Sequence[float], data_cfg: Any) -> np.ndarray:
-  """HU (D, H, W) -> float32 data_cfg.shape in [0, 1].
-
-  Steps: resample to data_cfg.target_spacing (if non-empty), window
-  data_cfg.hu_window -> [0, 1] clipped, resize to data_cfg.shape.
-  """
-  vol = np.asarray(vol_dhw_hu, dtype=np.float32)
-  target = _target_spacing(data_cfg)
-  if target:
-    vol = resample_to_spacing(vol, spacing_dhw, target, order=1)
-  a_min, a_max = (float(v) for v in data_cfg.hu_window)
-  vol = scale_intensity_range(vol, a_min, a_max, 0.0, 1.0, clip=True)
-  vol = resize(vol, data_cfg.shape, order=1, anti_aliasing=bool(data_cfg.get("anti_aliasing", False)))
-  return np.clip(vol, 0.0, 1.0).astype(np.float32, copy=False)
+  """HU (D, H, W) -> float32 data.shape in [0, 1] (`preprocess_arrays`' image)."""
+  return preprocess_arrays(vol_dhw_hu, spacing_dhw, data_cfg)["image"]
 
 
 def preprocess_mask(mask_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cfg: Any) -> np.ndarray:
-  """Label mask (D, H, W) -> uint8 data_cfg.shape, same geometry, nearest neighbour."""
-  mask = np.asarray(mask_dhw).astype(np.uint8, copy=False)
-  target = _target_spacing(data_cfg)
-  if target:
-    mask = resample_to_spacing(mask, spacing_dhw, target, order=0)
-  return resize(mask, data_cfg.shape, order=0).astype(np.uint8, copy=False)
+  """Label mask (D, H, W) -> uint8 data.shape, the same geometry as its volume."""
+  mask = np.asarray(mask_dhw)
+  return preprocess_arrays(np.zeros(mask.shape, np.float32), spacing_dhw, data_cfg, mask)["mask"]
 
 
-def preprocess_scan(scan: nifti.Scan, data_cfg: Any) -> dict[str, np.ndarray]:
-  """A loaded Scan -> model input and its original geometry.
+def preprocess_scan(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None = None,
+                    *, hu: bool = True) -> dict[str, np.ndarray]:
+  """A loaded Scan (and optional lesion mask, (x, y, z)) -> what the dataset stores.
 
   Returns:
-    dict(image=float32 (D, H, W) in [0, 1], spacing=float32 (3,) original
-    (z, y, x) mm, orig_shape=int32 (3,) original (z, y, x)).
+    dict(image=float32 (D, H, W) in [0, 1] exactly as stored, mask=uint8
+    (D, H, W), voxel_spacing=float32 (3,) mm of one model voxel (z, y, x),
+    spacing=float32 (3,) original (z, y, x) mm, orig_shape=int32 (3,) original (z, y, x)).
   """
   vol = to_dhw(scan.volume)
   spacing = np.asarray(scan.spacing, dtype=np.float32)[::-1].copy()
-  return dict(image=preprocess_volume(vol, spacing, data_cfg),
-              spacing=spacing,
+  check_geometry(vol.shape, spacing, data_cfg, scan.path)
+  try:
+    out = preprocess_arrays(vol, spacing, data_cfg, None if mask_xyz is None else to_dhw(mask_xyz),
+                            hu=hu)
+  except ScanError:
+    raise
+  except ValueError as e:
+    raise ScanError(scan.path, f"preprocessing failed: {e}") from e
+  return dict(image=out["image"], mask=out["mask"], voxel_spacing=out["voxel_spacing"], spacing=spacing,
               orig_shape=np.asarray(vol.shape, dtype=np.int32))
 
 
-def model_input(scan: nifti.Scan, data_cfg: Any) -> np.ndarray:
-  """float32 (D, H, W): exactly what the stored training example holds for ``scan`` (rounded through float16)."""
-  return preprocess_scan(scan, data_cfg)["image"].astype(np.float16).astype(np.float32)
+def model_input(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None = None) -> np.ndarray:
+  """The float32 (D, H, W, 1) array the model sees for `scan`: the stored example's image.
+
+  The dataset builder stores exactly this (its values survive the round trip through
+  STORED_DTYPE unchanged) and `--mode=predict` feeds exactly this. With
+  data.crop_center="mask" the crop follows `mask_xyz` when given (training builds
+  pass the lesion mask; without one the crop is centred on the scan).
+  """
+  return preprocess_scan(scan, data_cfg, mask_xyz)["image"][..., None]

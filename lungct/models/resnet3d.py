@@ -1,11 +1,14 @@
 """3D ResNet (MedicalNet / torchvision-video style) for volume classification.
 
-Stem: Conv 7x7x7 (stride `stem_stride`, no bias) -> BN -> relu -> MaxPool 3x3x3
-stride 2 (optional), then four stages of widths width * (1, 2, 4, 8) with strides
+Stem: Conv 7x7x7 (`stem_kernel`, stride `stem_stride`, no bias) -> BN -> relu ->
+MaxPool 3x3x3 stride 2 (optional, `stem_pool`), then four stages of widths width * (1, 2, 4, 8) with strides
 1, 2, 2, 2, global average pooling, dropout and a Dense head. Projection
 shortcuts (1x1x1 conv + BN, MedicalNet "type B") where the shape changes.
 BatchNorm follows PyTorch defaults (momentum 0.1 = Flax 0.9, epsilon 1e-5) and
 convs use He-normal (fan_out) initialisation like torchvision.
+
+Small inputs (nodule crops, MedMNIST 28^3 / 64^3): `stem_stride=1, stem_pool=False,
+stem_kernel=3` keeps full resolution into the first stage, as MedMNIST's 3D ResNets do.
 """
 from collections.abc import Sequence
 from typing import Any
@@ -107,8 +110,8 @@ class ResNet3D(nnx.Module):
   def __init__(self, *, num_outputs: int, depth: int = 18, width: int = 64,
                dropout: float = 0.0, in_channels: int = 1,
                stem_stride: int | Sequence[int] = (1, 2, 2), stem_pool: bool = True,
-               bn_momentum: float = 0.9, remat: bool = False, conv_impl: str = "xla",
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               stem_kernel: int = 7, bn_momentum: float = 0.9, remat: bool = False,
+               conv_impl: str = "xla", dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if depth not in STAGES:
       raise ValueError(f"ResNet3D depth must be one of {sorted(STAGES)}, got {depth}")
     dtype = common.as_dtype(dtype)
@@ -116,7 +119,7 @@ class ResNet3D(nnx.Module):
     block_cls = BasicBlock if kind == "basic" else Bottleneck
     self.remat = remat
     self.stem_pool = stem_pool
-    self.stem_conv = _conv(in_channels, width, 7, stem_stride, dtype=dtype, rngs=rngs)
+    self.stem_conv = _conv(in_channels, width, stem_kernel, stem_stride, dtype=dtype, rngs=rngs)
     self.stem_bn = _bn(width, dtype=dtype, rngs=rngs)
     blocks = []
     in_f = width

@@ -1,4 +1,4 @@
-"""Every kind of bad scan in one 12-file folder: skipped and reported, or the build stops naming the file.
+"""Every kind of bad scan in one 15-file folder: skipped and reported, or the build stops naming the file.
 
 Also the CSV checks that must fire before any scan is read (duplicate study id, a label other than 0/1,
 a path escaping the data dir).
@@ -16,6 +16,7 @@ import pytest
 from tests import helpers  # noqa: F401  (repo root on sys.path)
 from configs import default
 from lungct.data import lung_ct, nifti, phantom
+from lungct.data.errors import DataError
 
 SHAPE_XYZ = (24, 24, 12)
 
@@ -52,6 +53,16 @@ def _raw_0_255(p):
   _nii(p, np.round((hu - hu.min()) / (hu.max() - hu.min()) * 255).astype(np.uint8))
 
 
+def _mri(p):
+  vol = np.full(SHAPE_XYZ, -1000, np.int16)
+  vol[4:20, 4:20, 2:10] = np.random.default_rng(1).integers(200, 30394, (16, 16, 8))
+  _nii(p, vol)
+
+
+def _complex(p):
+  _nii(p, _phantom_hu(5).astype(np.complex64) + 300j)
+
+
 BAD = {
     "truncated.nii.gz": (_truncated, "truncated"),
     "garbage.nii": (_not_nifti, "not a readable NIfTI"),
@@ -62,6 +73,9 @@ BAD = {
     "spacing.nii.gz": (lambda p: nifti.save_scan(_phantom_hu(4), (0.7, 0.7, 500.0), p),
                        "implausible voxel spacing"),
     "raw255.nii.gz": (_raw_0_255, "do not look like Hounsfield units"),
+    "mri.nii.gz": (_mri, "not CT Hounsfield units"),
+    "complex.nii.gz": (_complex, "complex-valued voxels"),
+    "oneslice.nii.gz": (lambda p: nifti.save_scan(_phantom_hu(6)[:, :, :1], (1.5, 1.5, 3.0), p), "too few voxels"),
 }
 GOOD = [f"good{i}.nii.gz" for i in range(4)]
 
@@ -77,7 +91,7 @@ def folder(tmp_path_factory):
     write(root / name)
     rows.append(f"{name},{i % 2},q{i}")
   (root / "labels.csv").write_text("\n".join(rows) + "\n")
-  assert len(os.listdir(root)) == 13  # 12 scans + the CSV
+  assert len(os.listdir(root)) == 16  # 15 scans + the CSV
   return root
 
 
@@ -92,7 +106,8 @@ def _cfg(out, root, **overrides):
 def test_every_bad_kind_is_skipped_and_reported(tmp_path, folder, capsys):
   builder = lung_ct.prepare(_cfg(tmp_path, folder))
   report = lung_ct.read_build_report(builder)
-  assert report["totals"] == {"read": 12, "kept": 4, "skipped": 8}
+  assert report["totals"] == {"read": 15, "kept": 4, "skipped": 11}
+  assert sum(report["skip_reasons"].values()) == 11
   reasons = {os.path.basename(s["file"]): s["reason"] for s in report["skipped"]}
   assert sorted(reasons) == sorted(BAD)
   for name, (_, words) in BAD.items():
@@ -102,8 +117,9 @@ def test_every_bad_kind_is_skipped_and_reported(tmp_path, folder, capsys):
                 (builder.as_data_source(s)[i] for i in range(len(builder.as_data_source(s)))))
   assert kept == ["good0", "good1", "good2", "good3"]
   out = capsys.readouterr().out
-  assert "read 12, kept 4, skipped 8" in out
-  assert out.count("lung_ct: skipping") == 8
+  assert "read 15, kept 4, skipped 11" in out
+  assert out.count("lung_ct: skipping") == 10  # then counted only (lung_ct.MAX_SKIP_LINES)
+  assert "WARNING: lung_ct skipped 11 of 15 studies (73%)" in out
 
 
 def test_fail_mode_stops_naming_the_file(tmp_path, folder):
@@ -128,6 +144,7 @@ def test_csv_problems_stop_before_any_scan_is_read(tmp_path, folder, rows, messa
   calls = []
   monkeypatch.setattr(lung_ct.lung_ct, "make_example", lambda *a: calls.append(a))
   monkeypatch.setattr(nifti, "load_scan", lambda *a: calls.append(a))
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(DataError, match=message) as err:
     lung_ct.prepare(_cfg(tmp_path / "out", folder, labels_csv=str(tmp_path / "bad.csv")))
+  assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path / "bad.csv"))
   assert not calls and not (tmp_path / "out").exists()

@@ -1,5 +1,7 @@
-"""TFDS builder for lung CT volumes (synthetic phantoms, MosMedData, folder + CSV)."""
+"""TFDS builder for lung CT volumes (synthetic phantoms and nodules, folder + CSV, DICOM,
+MosMedData, MedMNIST)."""
 from lungct.data.lung_ct.lung_ct import (
+    INDEX_FILE,
     REPORT_FILE,
     SOURCES,
     SPLITS,
@@ -8,17 +10,21 @@ from lungct.data.lung_ct.lung_ct import (
     LungCt,
     LungCtConfig,
     builder_for,
+    changes_dataset,
     config_name,
+    data_config,
     list_folder_items,
     list_mosmeddata_items,
     prepare,
     read_build_report,
     split_index,
     split_patients,
+    summary_lines,
 )
 
 __all__ = [
-    "REPORT_FILE", "SOURCES", "SPLITS", "Item", "make_example",
-    "LungCt", "LungCtConfig", "builder_for", "config_name", "list_folder_items",
+    "INDEX_FILE", "REPORT_FILE", "SOURCES", "SPLITS", "Item", "make_example",
+    "LungCt", "LungCtConfig", "builder_for", "changes_dataset", "config_name", "data_config", "list_folder_items",
     "list_mosmeddata_items", "prepare", "read_build_report", "split_index", "split_patients",
+    "summary_lines",
 ]

@@ -1,79 +1,116 @@
 """`LungCt`: a TFDS GeneratorBasedBuilder writing preprocessed CT volumes to ArrayRecord.
 
-Sources (`data_cfg.source`):
-  synthetic   phantoms from `lungct.data.phantom`, generated inside `_generate_examples`.
-  mosmeddata  `manual_dir/CT-0..CT-4/study_XXXX.nii.gz` (grade = the folder's number,
-              label = grade > 0, patient = study); optional masks
-              `manual_dir/masks/study_XXXX_mask.nii.gz`.
-  folder      scans under `manual_dir` listed by `labels_csv` with columns
-              `filename,label[,patient_id][,grade][,mask]`.
+Sources (`data.source`, listed and read by `lungct.data.sources`): synthetic chest
+phantoms, synthetic nodule crops, a folder of NIfTI scans + labels CSV, a folder of
+DICOM series + labels CSV, MosMedData, a MedMNIST 3D .npz.
 
 Configs are made from the data config (`builder_for`); the config name encodes every
-field that changes the written data, so two shapes never share a cache. Builds need
-neither TensorFlow nor Beam: `download_and_prepare(file_format="array_record")`
-runs TFDS's plain-Python writer, and `as_data_source(split)` reads the records back
-with `array_record` (see `prepare`).
+field that changes the written data, so two geometries never share a cache. Builds
+need neither TensorFlow nor Beam: `download_and_prepare(file_format="array_record")`
+runs TFDS's plain-Python writer, and `as_data_source(split)` reads the records back.
 
-Bad scans (`nifti.ScanError`) are skipped (`on_bad_scan="skip"`) or raised
-(`"fail"`); `build_report.json` next to the dataset files lists read, kept and
-skipped counts and each skipped file with its reason.
+A build reads every study first (in parallel threads, spilling each preprocessed
+example to a scratch file), skips the bad ones (`ScanError`; data.on_bad_scan="skip",
+or stops on the first with "fail"), and only then splits the kept studies by patient,
+so validation and test keep both classes whatever was skipped. `build_report.json`
+(read with `read_build_report`) counts read / kept / skipped studies, the reasons, and
+each split's classes; `index_<split>.json` lists each split's study_id, patient_id,
+label and grade in the data source's order (read with `split_index`, no volume read).
+This module uses no `os` / `open` (TFDS's rule for builders): paths go through epath.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import csv
 import dataclasses
 import hashlib
+import io
 import json
-import os
+import logging
+import multiprocessing
+import re
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from etils import epath
 import ml_collections
-import nibabel as nib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lungct.data import nifti
-from lungct.data import phantom
 from lungct.data import preprocess
+from lungct.data import sources
+from lungct.data.errors import DataError, ScanError
+from lungct.data.sources import Item, SOURCES, list_folder_items, list_mosmeddata_items
 
-SOURCES = ("synthetic", "mosmeddata", "folder")
 SPLITS = ("train", "validation", "test")
 REPORT_FILE = "build_report.json"
-MAX_GRADE = 4
+INDEX_FILE = "index_{split}.json"
+MAX_GRADE = sources.MAX_GRADE
+# Above this fraction of skipped studies the build summary is a loud warning.
+LOUD_SKIP_FRACTION = 0.03
+# Skipped files printed one per line during a build; the rest are counted.
+MAX_SKIP_LINES = 10
 # Data-config keys that do not change the written data (loader, augmentation, paths
-# of the output); every other key goes into the config name's hash.
+# of the output, label interpretation); every other key goes into the config name's hash.
 _NOT_DATA_KEYS = frozenset(
     {"data_dir", "num_threads", "prefetch", "augment", "label", "num_classes", "on_bad_scan",
      "build_workers"})
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_SOURCE_KEYS = {
+    "synthetic": {"num_scans", "phantom_seed", "phantom_shape"},
+    "nodules": {"num_scans", "phantom_seed"},
+    "folder": {"manual_dir", "labels_csv"},
+    "dicom": {"manual_dir", "labels_csv"},
+    "mosmeddata": {"manual_dir"},
+    "medmnist": {"manual_dir", "medmnist_flag", "medmnist_size", "medmnist_spacing"},
+}
+_ALL_SOURCE_KEYS = frozenset().union(*_SOURCE_KEYS.values())
+HOMEPAGES = {
+    "mosmeddata": "https://mosmed.ai/datasets/covid19_1110/",
+    "medmnist": "https://medmnist.com/",
+    "nodules": "https://www.cancerimagingarchive.net/collection/lidc-idri/",
+    "dicom": "https://www.cancerimagingarchive.net/collection/lidc-idri/",
+}
+_KERAS_TUTORIAL = "https://keras.io/examples/vision/3D_image_classification/"
+CITATION = r"""
+@article{morozov2020mosmeddata,
+  title={MosMedData: Chest CT Scans With COVID-19 Related Findings Dataset},
+  author={Morozov, S. P. and Andreychenko, A. E. and Pavlov, N. A. and others},
+  journal={arXiv preprint arXiv:2005.06465}, year={2020}}
+@article{armato2011lidc,
+  title={The Lung Image Database Consortium (LIDC) and Image Database Resource Initiative (IDRI):
+         a completed reference database of lung nodules on CT scans},
+  author={Armato III, Samuel G. and McLennan, Geoffrey and Bidaut, Luc and others},
+  journal={Medical Physics}, volume={38}, number={2}, pages={915--931}, year={2011}}
+@article{yang2023medmnist,
+  title={MedMNIST v2 - A large-scale lightweight benchmark for 2D and 3D biomedical image classification},
+  author={Yang, Jiancheng and Shi, Rui and Wei, Donglai and others},
+  journal={Scientific Data}, volume={10}, number={1}, pages={41}, year={2023}}
+"""
+
+
+class _DropTfdsConfigDump(logging.Filter):
+  """Drops TFDS's one-line dump of the whole builder config (we print one short line)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_DropTfdsConfigDump())
 
 
 @dataclasses.dataclass(eq=False)
 class LungCtConfig(tfds.core.BuilderConfig):
   """What to build. Made by `builder_for` from the ml_collections data config.
 
-  Attributes:
-    source: synthetic | mosmeddata | folder.
-    shape: preprocessed (D, H, W).
-    hu_window: (low, high) HU mapped to [0, 1].
-    target_spacing: (z, y, x) mm to resample to before resizing; () = resize only.
-    num_scans: synthetic: number of phantoms.
-    phantom_seed: synthetic: seed of the phantom set.
-    phantom_shape: synthetic: phantom (x, y, z) voxels; () = `make_phantom`'s default.
-    split_fractions: train / validation / test fractions of patients.
-    split_seed: seed of the patient split.
-    on_bad_scan: skip | fail.
-    manual_dir: mosmeddata / folder: the folder holding the scans.
-    labels_csv: folder: the labels CSV (relative paths are tried against `manual_dir`).
-    build_workers: threads preprocessing scans in parallel (0 = one per CPU).
-    data_cfg: the full data config as a dict (handed to `lungct.data.preprocess`).
+  The fields are the defaults of a bare `tfds.builder("lung_ct")` (the declared
+  "synthetic-default" config); `data_cfg` (the full data config as a dict, handed to
+  `lungct.data.preprocess` and `lungct.data.sources`) overrides them.
   """
   source: str = "synthetic"
   shape: tuple[int, int, int] = (32, 64, 64)
   hu_window: tuple[float, float] = (-1000.0, 400.0)
   target_spacing: tuple[float, ...] = ()
+  fit: str = "resize"
+  crop_center: str = "center"
   num_scans: int = 160
   phantom_seed: int = 0
   phantom_shape: tuple[int, ...] = ()
@@ -84,6 +121,21 @@ class LungCtConfig(tfds.core.BuilderConfig):
   labels_csv: str = ""
   build_workers: int = 0
   data_cfg: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+  def __repr__(self) -> str:  # TFDS logs builder configs; keep it one short line.
+    return f"LungCtConfig({self.name})"
+
+
+_CONFIG_FIELDS = ("source", "shape", "hu_window", "target_spacing", "fit", "crop_center", "num_scans",
+                  "phantom_seed", "phantom_shape", "split_fractions", "split_seed", "on_bad_scan",
+                  "manual_dir", "labels_csv", "build_workers")
+
+
+def data_config(cfg: LungCtConfig) -> ml_collections.ConfigDict:
+  """The data config a builder config stands for: its fields, overridden by cfg.data_cfg."""
+  d = {k: getattr(cfg, k) for k in _CONFIG_FIELDS}
+  d.update(dict(cfg.data_cfg))
+  return ml_collections.ConfigDict(d)
 
 
 def _plain(value: Any) -> Any:
@@ -99,232 +151,159 @@ def _plain(value: Any) -> Any:
   return value
 
 
+def _abspath(path: str) -> str:
+  return str(epath.Path(path).expanduser().absolute()) if path else ""
+
+
 def _data_fields(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """The data-config fields that change the written data, as plain values."""
   fields = {k: v for k, v in _plain(data_cfg).items() if k not in _NOT_DATA_KEYS}
   source = fields.get("source", "synthetic")
-  # Fields of other sources do not change this source's data.
-  if source == "synthetic":
-    fields.pop("manual_dir", None)
-    fields.pop("labels_csv", None)
-  else:
-    for k in ("num_scans", "phantom_seed", "phantom_shape"):
-      fields.pop(k, None)
-    for k in ("manual_dir", "labels_csv"):
-      if fields.get(k):
-        fields[k] = os.path.abspath(fields[k])
-    if source == "mosmeddata":
-      fields.pop("labels_csv", None)
+  for k in _ALL_SOURCE_KEYS - _SOURCE_KEYS.get(source, set()):
+    fields.pop(k, None)  # Another source's fields do not change this source's data.
+  for k in ("manual_dir", "labels_csv"):
+    if fields.get(k):
+      fields[k] = _abspath(fields[k])
+  fields["target_spacing"] = list(preprocess.target_spacing(data_cfg))
   return fields
+
+
+def changes_dataset(key: str) -> bool:
+  """Whether a config key ("data.shape", "shape", "loader.prefetch", ...) changes the built
+  dataset: every data.* key except data_dir, build_workers, on_bad_scan and the label
+  interpretation (label, num_classes). The one list of such keys (issue 9)."""
+  if key.startswith("data."):
+    key = key[len("data."):]
+  elif "." in key:
+    return False  # loader.*, augment.*, model.*, train.*, ...
+  return key.split(".")[0] not in _NOT_DATA_KEYS
 
 
 def config_name(data_cfg: ml_collections.ConfigDict) -> str:
   """A TFDS config name unique to everything that changes the data.
 
-  E.g. "synthetic-32x64x64-n160-s0-1a2b3c4d": source, shape, (synthetic: number of
-  scans and phantom seed) and an 8-hex-digit hash of all data fields.
+  E.g. "synthetic-32x64x64-n160-s0-1a2b3c4d": source, shape, (generated sources:
+  number of scans and seed) and an 8-hex-digit hash of all data fields.
   """
   fields = _data_fields(data_cfg)
   digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
   parts = [fields.get("source", "synthetic"), "x".join(str(int(s)) for s in fields["shape"])]
-  if parts[0] == "synthetic":
+  if parts[0] in ("synthetic", "nodules"):
     parts += [f"n{int(fields['num_scans'])}", f"s{int(fields['phantom_seed'])}"]
   parts.append(digest)
   return "-".join(parts)
 
 
 def builder_for(data_cfg: ml_collections.ConfigDict, *, data_dir: str | None = None) -> "LungCt":
-  """The `LungCt` builder for `data_cfg`, writing under `data_dir` (default data_cfg.data_dir)."""
-  source = data_cfg.source
+  """The `LungCt` builder for `data_cfg`, writing under `data_dir` (default data_cfg.data_dir).
+
+  Raises DataError (one line) for an unusable data config.
+  """
+  source = data_cfg.get("source", "synthetic")
   if source not in SOURCES:
-    raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
+    raise DataError(f"data.source must be one of {SOURCES}, got {source!r}")
   if data_cfg.get("on_bad_scan", "skip") not in ("skip", "fail"):
-    raise ValueError(f"data.on_bad_scan must be 'skip' or 'fail', got {data_cfg.on_bad_scan!r}")
-  fractions = tuple(float(f) for f in data_cfg.split_fractions)
+    raise DataError(f"data.on_bad_scan must be 'skip' or 'fail', got {data_cfg.on_bad_scan!r}")
+  fractions = tuple(float(f) for f in data_cfg.get("split_fractions", (0.7, 0.15, 0.15)))
   if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-    raise ValueError(f"data.split_fractions must be 3 non-negative numbers summing to 1, got {fractions}")
-  if source != "synthetic" and not data_cfg.get("manual_dir", ""):
-    raise ValueError(f"data.source={source!r} needs data.manual_dir (the folder holding the scans)")
-  if source == "folder" and not data_cfg.get("labels_csv", ""):
-    raise ValueError("data.source='folder' needs data.labels_csv (filename,label[,patient_id][,grade])")
+    raise DataError(f"data.split_fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+  if len(tuple(data_cfg.shape)) != 3 or min(int(s) for s in data_cfg.shape) < 1:
+    raise DataError(f"data.shape must be 3 positive sizes (D, H, W), got {tuple(data_cfg.shape)}")
+  try:
+    target = preprocess.target_spacing(data_cfg)
+    preprocess._fit(data_cfg)  # pylint: disable=protected-access
+    preprocess._crop_center(data_cfg)  # pylint: disable=protected-access
+  except ValueError as e:
+    raise DataError(str(e)) from None
+  if source not in ("synthetic", "nodules") and not data_cfg.get("manual_dir", ""):
+    raise DataError(f"data.source={source!r} needs data.manual_dir (the folder holding the scans)")
+  if source in ("folder", "dicom") and not data_cfg.get("labels_csv", ""):
+    raise DataError(f"data.source={source!r} needs data.labels_csv (filename,label[,patient_id][,grade][,mask])")
+  plain = _plain(data_cfg)
+  plain.pop("loader", None)
   config = LungCtConfig(
       name=config_name(data_cfg),
       version=LungCt.VERSION,
       description=f"LungCt built from {source}",
       source=source,
       shape=tuple(int(s) for s in data_cfg.shape),
-      hu_window=tuple(float(h) for h in data_cfg.hu_window),
-      target_spacing=tuple(float(s) for s in data_cfg.get("target_spacing", ())),
+      hu_window=tuple(float(h) for h in data_cfg.get("hu_window", (-1000.0, 400.0))),
+      target_spacing=target,
+      fit=data_cfg.get("fit", "resize") or "resize",
+      crop_center=data_cfg.get("crop_center", "center") or "center",
       num_scans=int(data_cfg.get("num_scans", 0)),
       phantom_seed=int(data_cfg.get("phantom_seed", 0)),
       phantom_shape=tuple(int(s) for s in data_cfg.get("phantom_shape", ())),
       split_fractions=fractions,
-      split_seed=int(data_cfg.split_seed),
+      split_seed=int(data_cfg.get("split_seed", 0)),
       on_bad_scan=data_cfg.get("on_bad_scan", "skip"),
-      manual_dir=os.path.abspath(data_cfg.manual_dir) if data_cfg.get("manual_dir", "") else "",
+      manual_dir=_abspath(data_cfg.get("manual_dir", "")),
       labels_csv=data_cfg.get("labels_csv", ""),
       build_workers=int(data_cfg.get("build_workers", 0)),
-      data_cfg=_plain(data_cfg),
+      data_cfg=plain,
   )
-  return LungCt(config=config, data_dir=os.path.abspath(data_dir or data_cfg.data_dir))
+  return LungCt(config=config, data_dir=_abspath(data_dir or data_cfg.data_dir))
 
 
-def prepare(data_cfg: ml_collections.ConfigDict, *, data_dir: str | None = None) -> "LungCt":
+def prepare(data_cfg: ml_collections.ConfigDict, *, data_dir: str | None = None,
+            verbose: bool = True) -> "LungCt":
   """Builds the dataset for `data_cfg` unless it is already prepared; returns the builder.
 
+  The source's listing (CSV, folder layout) is validated before TFDS creates any file.
   Works without TensorFlow: the ArrayRecord writer of TFDS is plain Python.
   """
   builder = builder_for(data_cfg, data_dir=data_dir)
   if not builder.is_prepared():
-    builder._list_items()  # Validates the CSV / folder layout before TFDS creates any file.
+    sources.list_items(data_config(builder.builder_config))  # Raises DataError before any file exists.
+    if verbose:
+      print(f"lung_ct: building {builder.builder_config.name} in {builder.data_dir}")
     download_config = tfds.download.DownloadConfig(
         manual_dir=builder.builder_config.manual_dir or None)
     builder.download_and_prepare(file_format="array_record", download_config=download_config)
+  elif verbose:
+    print(f"lung_ct: using {builder.builder_config.name} ({builder.data_dir})")
+  for split in SPLITS:
+    if not _index_path(builder, split).exists():
+      _write_index(builder, split)
   return builder
 
 
 def read_build_report(builder: "LungCt") -> dict[str, Any]:
   """The `build_report.json` written next to the prepared dataset files."""
-  with open(os.path.join(builder.data_dir, REPORT_FILE)) as f:
-    return json.load(f)
+  return json.loads((epath.Path(builder.data_dir) / REPORT_FILE).read_text())
 
 
-# ----------------------------------------------------------------------------- items
+def _index_path(builder: "LungCt", split: str) -> epath.Path:
+  return epath.Path(builder.data_dir) / INDEX_FILE.format(split=split)
 
 
-@dataclasses.dataclass(frozen=True)
-class Item:
-  """One study to turn into an example (a scan file or a phantom recipe)."""
-  study_id: str
-  patient_id: str
-  label: int
-  grade: int
-  path: str = ""          # scan file (mosmeddata / folder)
-  mask_path: str = ""     # optional lesion mask file
-  phantom_seed: int = -1  # synthetic
-
-
-def _study_id(filename: str) -> str:
-  base = os.path.basename(filename)
-  for suffix in _NIFTI_SUFFIXES:
-    if base.endswith(suffix):
-      return base[: -len(suffix)]
-  return os.path.splitext(base)[0]
-
-
-def _inside(root: str, rel: str, csv_path: str, row: int, column: str) -> str:
-  """Resolves `rel` under `root`; ValueError if absolute, escaping root or missing."""
-  where = f"{csv_path} row {row}"
-  if not rel:
-    raise ValueError(f"{where}: empty {column}")
-  if os.path.isabs(rel) or rel.startswith("~"):
-    raise ValueError(f"{where}: {column} {rel!r} must be a path relative to the data dir {root}")
-  norm = os.path.normpath(rel)
-  if norm == ".." or norm.startswith(".." + os.sep):
-    raise ValueError(f"{where}: {column} {rel!r} escapes the data dir {root}")
-  path = os.path.join(root, norm)
-  if not os.path.isfile(path):
-    raise ValueError(f"{where}: {column} {rel!r} not found (looked for {path})")
-  return path
-
-
-def _int_field(value: str, csv_path: str, row: int, column: str, low: int, high: int | None) -> int:
+def _write_index(builder: "LungCt", split: str) -> list[dict[str, Any]]:
+  # Reads the split once, in the data source's order (TFDS shuffles records by key).
+  from lungct.data import pipeline  # pylint: disable=g-import-not-at-top
+  src = builder.as_data_source(split)
+  index = []
+  for i in range(len(src)):
+    ex = pipeline.decode(src[i])
+    index.append({k: ex[k] for k in ("study_id", "patient_id", "label", "grade")})
   try:
-    out = int(value.strip())
-  except ValueError:
-    raise ValueError(f"{csv_path} row {row}: {column} {value!r} is not an integer class") from None
-  if out < low or (high is not None and out > high):
-    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise ValueError(f"{csv_path} row {row}: unknown {column} {out} (must be {bound})")
-  return out
+    _index_path(builder, split).write_text(json.dumps(index))
+  except OSError:
+    pass  # A read-only dataset dir: the index is computed again next time.
+  return index
 
 
-def list_folder_items(manual_dir: str, labels_csv: str) -> list[Item]:
-  """Reads and validates the labels CSV; ValueError naming the CSV row on any problem.
-
-  Columns (header required): filename, label (0 normal / 1 abnormal), optional
-  patient_id (default: the study id), grade (-1..4, default -1) and mask (a mask
-  file). Paths are relative to `manual_dir` and must stay inside it.
-  """
-  csv_path = labels_csv
-  if not os.path.isabs(csv_path) and not os.path.isfile(csv_path):
-    csv_path = os.path.join(manual_dir, labels_csv)
-  if not os.path.isfile(csv_path):
-    raise ValueError(f"labels CSV {labels_csv!r} not found (also looked in {manual_dir})")
-  if not os.path.isdir(manual_dir):
-    raise ValueError(f"data dir {manual_dir!r} (data.manual_dir) does not exist")
-  with open(csv_path, newline="") as f:
-    reader = csv.DictReader(f)
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    missing = {"filename", "label"} - set(columns)
-    if missing:
-      raise ValueError(f"{csv_path}: header must name columns filename,label[,patient_id][,grade]"
-                       f"[,mask]; missing {sorted(missing)} in {columns}")
-    rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-  items, seen_files, seen_ids = [], {}, {}
-  for i, r in enumerate(rows):
-    row = i + 2  # 1-based line number; line 1 is the header.
-    path = _inside(manual_dir, r["filename"], csv_path, row, "filename")
-    norm = os.path.normpath(r["filename"])
-    if norm in seen_files:
-      raise ValueError(f"{csv_path} row {row}: duplicate filename {r['filename']!r} "
-                       f"(first at row {seen_files[norm]})")
-    seen_files[norm] = row
-    study_id = _study_id(norm)
-    if study_id in seen_ids:
-      raise ValueError(f"{csv_path} row {row}: duplicate study id {study_id!r} "
-                       f"(first at row {seen_ids[study_id]})")
-    seen_ids[study_id] = row
-    label = _int_field(r["label"], csv_path, row, "label", 0, 1)
-    grade = -1
-    if r.get("grade", ""):
-      grade = _int_field(r["grade"], csv_path, row, "grade", -1, MAX_GRADE)
-    mask_path = _inside(manual_dir, r["mask"], csv_path, row, "mask") if r.get("mask", "") else ""
-    items.append(Item(study_id=study_id, patient_id=r.get("patient_id", "") or study_id,
-                      label=label, grade=grade, path=path, mask_path=mask_path))
-  if not items:
-    raise ValueError(f"{csv_path}: no rows")
-  return items
-
-
-def list_mosmeddata_items(manual_dir: str) -> list[Item]:
-  """Lists `manual_dir/CT-<grade>/study_XXXX.nii[.gz]` (+ `masks/study_XXXX_mask.nii.gz`)."""
-  if not os.path.isdir(manual_dir):
-    raise ValueError(f"MosMedData dir {manual_dir!r} (data.manual_dir) does not exist")
-  items, seen = [], {}
-  for grade in range(MAX_GRADE + 1):
-    folder = os.path.join(manual_dir, f"CT-{grade}")
-    if not os.path.isdir(folder):
-      continue
-    for name in sorted(os.listdir(folder)):
-      if not name.endswith(_NIFTI_SUFFIXES):
-        continue
-      study_id = _study_id(name)
-      path = os.path.join(folder, name)
-      if study_id in seen:
-        raise ValueError(f"{path}: duplicate study id {study_id!r} (also {seen[study_id]})")
-      seen[study_id] = path
-      mask_path = ""
-      for suffix in _NIFTI_SUFFIXES:
-        candidate = os.path.join(manual_dir, "masks", f"{study_id}_mask{suffix}")
-        if os.path.isfile(candidate):
-          mask_path = candidate
-          break
-      items.append(Item(study_id=study_id, patient_id=study_id, label=int(grade > 0),
-                        grade=grade, path=path, mask_path=mask_path))
-  if not items:
-    raise ValueError(f"{manual_dir}: no CT-0..CT-{MAX_GRADE}/*.nii.gz scans found (MosMedData layout)")
-  return items
-
-
-def _synthetic_items(num_scans: int, seed: int) -> list[Item]:
-  return [Item(study_id=str(study_id), patient_id=str(patient_id), label=int(grade > 0),
-               grade=int(grade), phantom_seed=int(phantom_seed))
-          for study_id, patient_id, grade, phantom_seed in phantom.phantom_set(num_scans, seed)]
+def split_index(builder: "LungCt", split: str) -> list[dict[str, Any]]:
+  """[dict(study_id, patient_id, label, grade)] of `split`, in the order of
+  `builder.as_data_source(split)`, without reading a volume (from index_<split>.json)."""
+  if split not in SPLITS:
+    raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+  path = _index_path(builder, split)
+  if path.exists():
+    return json.loads(path.read_text())
+  return _write_index(builder, split)
 
 
 # ----------------------------------------------------------------------------- splits
-
 
 def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
   """Splits n into counts proportional to fractions (largest remainder); every split
@@ -365,68 +344,55 @@ def split_patients(patient_labels: Mapping[str, int], fractions: Sequence[float]
       for pid in pids[start:start + count]:
         assignment[pid] = split
       start += count
+  # Few patients per class can leave a split empty (TFDS cannot write an empty split):
+  # move one patient there from the largest split, taken from its most common label.
+  for split, f in zip(SPLITS, fractions):
+    if f <= 0 or split in assignment.values() or len(assignment) < sum(1 for x in fractions if x > 0):
+      continue
+    counts = collections.Counter(assignment.values())
+    donor = max(SPLITS, key=lambda s: (counts[s], -SPLITS.index(s)))
+    by_label_in_donor = collections.Counter(patient_labels[p] for p, s in assignment.items() if s == donor)
+    label = max(sorted(by_label_in_donor), key=lambda k: by_label_in_donor[k])
+    pid = max(p for p, s in assignment.items() if s == donor and patient_labels[p] == label)
+    assignment[pid] = split
   return assignment
+
 
 
 # ----------------------------------------------------------------------------- examples
 
 
-def _load_mask(path: str, shape_xyz: Sequence[int]) -> np.ndarray:
-  """A lesion mask file -> uint8 (x, y, z) in canonical orientation; ScanError if bad."""
-  try:
-    img = nib.as_closest_canonical(nib.squeeze_image(nib.load(path)))
-    mask = np.asarray(img.dataobj)
-  except Exception as e:
-    raise nifti.ScanError(path, f"cannot read mask ({type(e).__name__}: {e})") from e
-  if tuple(mask.shape) != tuple(shape_xyz):
-    raise nifti.ScanError(path, f"mask shape {mask.shape} differs from its scan's {tuple(shape_xyz)}")
-  return (mask > 0).astype(np.uint8)
+def make_example(item: Item, cfg: LungCtConfig | Mapping[str, Any]) -> dict[str, Any]:
+  """Loads / generates and preprocesses one study. Raises ScanError for bad scans.
 
-
-def make_example(item: Item, cfg: LungCtConfig) -> dict[str, Any]:
-  """Loads / generates and preprocesses one study. Raises nifti.ScanError for bad scans."""
-  data_cfg = ml_collections.ConfigDict(dict(cfg.data_cfg))
-  if item.phantom_seed >= 0:
-    kwargs = {"shape_xyz": tuple(cfg.phantom_shape)} if cfg.phantom_shape else {}
-    ph = phantom.make_phantom(item.phantom_seed, item.grade, **kwargs)
-    vol_xyz, mask_xyz, spacing_xyz, where = ph.hu, ph.mask, ph.spacing, f"phantom {item.study_id}"
-  else:
-    scan = nifti.load_scan(item.path)
-    vol_xyz, spacing_xyz, where = scan.volume, scan.spacing, item.path
-    mask_xyz = _load_mask(item.mask_path, vol_xyz.shape) if item.mask_path else None
-  vol = preprocess.to_dhw(vol_xyz)
-  spacing_dhw = np.asarray(spacing_xyz, np.float32)[::-1].copy()
-  try:
-    image = preprocess.preprocess_volume(vol, spacing_dhw, data_cfg)
-    if mask_xyz is not None:
-      mask = preprocess.preprocess_mask(preprocess.to_dhw(mask_xyz), spacing_dhw, data_cfg)
-    else:
-      mask = np.zeros(cfg.shape, np.uint8)
-  except ValueError as e:
-    if isinstance(e, nifti.ScanError):
-      raise
-    raise nifti.ScanError(where, f"preprocessing failed: {e}") from e
+  The image is `preprocess.model_input` of the study (as STORED_DTYPE, which holds its
+  values exactly), so predict feeds a model the values it was trained on.
+  """
+  data_cfg = data_config(cfg) if isinstance(cfg, LungCtConfig) else cfg
+  loaded = sources.load_item(item, data_cfg)
+  pre = preprocess.preprocess_scan(loaded.scan, data_cfg, loaded.mask, hu=loaded.hu)
   return {
-      "image": np.asarray(image, np.float16)[..., None],
-      "mask": np.asarray(mask, np.uint8)[..., None],
+      "image": pre["image"][..., None].astype(preprocess.STORED_DTYPE),
+      "mask": pre["mask"][..., None],
       "label": item.label,
       "grade": item.grade,
       "study_id": item.study_id,
       "patient_id": item.patient_id,
-      "spacing": spacing_dhw,
-      "orig_shape": np.asarray(vol.shape, np.int32),
+      "spacing": pre["spacing"],
+      "voxel_spacing": pre["voxel_spacing"],
+      "orig_shape": pre["orig_shape"],
   }
 
 
 def _ordered_map(fn: Callable[[Any], Any], xs: Sequence[Any], workers: int) -> Iterator[Any]:
   """map(fn, xs) in order on a thread pool, at most 2 * workers in flight.
 
-  Yields (x, result, error): errors are returned, not raised, so the caller decides.
+  Yields (x, result, error): ScanErrors are returned, not raised, so the caller decides.
   """
   def safe(x):
     try:
       return x, fn(x), None
-    except nifti.ScanError as e:
+    except ScanError as e:
       return x, None, e
   if workers <= 1:
     yield from map(safe, xs)
@@ -441,97 +407,165 @@ def _ordered_map(fn: Callable[[Any], Any], xs: Sequence[Any], workers: int) -> I
       yield pending.popleft().result()
 
 
+def reason_kind(reason: str) -> str:
+  """A skip reason without its specifics (numbers, quoted values): for counting."""
+  head = re.split(r"[:(]", reason, maxsplit=1)[0]
+  return re.sub(r"\d+(\.\d+)?", "N", head).strip() or reason[:60]
+
+
+def _save_npz(path: epath.Path, example: Mapping[str, Any]) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, **{k: np.asarray(v) for k, v in example.items()})
+  path.write_bytes(buf.getvalue())
+
+
+def _load_npz(path: epath.Path) -> dict[str, Any]:
+  with np.load(io.BytesIO(path.read_bytes())) as z:
+    ex = {k: z[k] for k in z.files}
+  for k in ("study_id", "patient_id"):
+    ex[k] = str(ex[k])
+  for k in ("label", "grade"):
+    ex[k] = int(ex[k])
+  return ex
+
+
 class LungCt(tfds.core.GeneratorBasedBuilder):
   """Preprocessed 3D lung CT volumes with binary label, severity grade and lesion mask."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "2.0.0": "Geometry keeps millimetres (target_spacing, fit, crop_center); voxel_spacing "
+               "feature; split after skipping bad scans; nodules, dicom and medmnist sources.",
+  }
   BUILDER_CONFIGS = [LungCtConfig(name="synthetic-default", description="160 phantoms, 32x64x64")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  mosmeddata: put the MosMedData COVID19_1110 folders CT-0..CT-4 (study_XXXX.nii.gz) and
-  optionally masks/ in data.manual_dir. folder: put the scans in data.manual_dir and list
-  them in data.labels_csv (filename,label[,patient_id][,grade][,mask]).
+  folder: put the NIfTI scans in data.manual_dir and list them in data.labels_csv
+  (filename,label[,patient_id][,grade][,mask]). dicom: the same CSV, each filename a
+  folder holding one DICOM series. mosmeddata: the MosMedData COVID19_1110 folders
+  CT-0..CT-4 (study_XXXX.nii.gz) and optionally masks/. medmnist: a MedMNIST 3D .npz
+  (e.g. nodulemnist3d.npz or nodulemnist3d_64.npz). See docs/data.md.
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    shape = tuple(self.builder_config.shape) + (1,)
+    cfg = self.builder_config
+    shape = tuple(cfg.shape) + (1,)
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=shape, dtype=np.float16),
-            "mask": tfds.features.Tensor(shape=shape, dtype=np.uint8),
-            "label": tfds.features.Scalar(dtype=np.int64),
-            "grade": tfds.features.Scalar(dtype=np.int64),
-            "study_id": tfds.features.Text(),
-            "patient_id": tfds.features.Text(),
-            "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
-            "orig_shape": tfds.features.Tensor(shape=(3,), dtype=np.int32),
+            "image": tfds.features.Tensor(
+                shape=shape, dtype=preprocess.STORED_DTYPE,
+                doc="(D, H, W, 1) = (z, y, x) volume in [0, 1]: data.hu_window of the HU values "
+                    "after data.target_spacing and data.fit; exactly preprocess.model_input"),
+            "mask": tfds.features.Tensor(shape=shape, dtype=np.uint8,
+                                         doc="lesion mask on the image's grid (zeros when none)"),
+            "label": tfds.features.Scalar(dtype=np.int64, doc="0 normal / benign, 1 abnormal / malignant"),
+            "grade": tfds.features.Scalar(dtype=np.int64,
+                                          doc="severity grade (MosMedData CT-0..4; nodules: LIDC-like "
+                                              "malignancy - 1); -1 unknown"),
+            "study_id": tfds.features.Text(doc="unique id of the scan (file name without suffix)"),
+            "patient_id": tfds.features.Text(doc="patient id; splits never share a patient"),
+            "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32,
+                                            doc="original voxel size (z, y, x) mm"),
+            "voxel_spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32,
+                                                  doc="mm of one image voxel (z, y, x) after preprocessing"),
+            "orig_shape": tfds.features.Tensor(shape=(3,), dtype=np.int32,
+                                               doc="original volume shape (z, y, x)"),
         }),
         supervised_keys=("image", "label"),
+        homepage=HOMEPAGES.get(cfg.source, _KERAS_TUTORIAL),
+        citation=CITATION,
     )
-
-  def _list_items(self) -> list[Item]:
-    cfg = self.builder_config
-    if cfg.source == "synthetic":
-      return _synthetic_items(cfg.num_scans, cfg.phantom_seed)
-    if cfg.source == "mosmeddata":
-      return list_mosmeddata_items(cfg.manual_dir)
-    if cfg.source == "folder":
-      return list_folder_items(cfg.manual_dir, cfg.labels_csv)
-    raise ValueError(f"unknown source {cfg.source!r}; expected one of {SOURCES}")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Scans are read from builder_config.manual_dir (validated up front).
     cfg = self.builder_config
-    items = self._list_items()  # Validates the CSV / folder layout before any work.
-    patient_labels = {}
-    for it in items:
-      patient_labels[it.patient_id] = max(it.label, patient_labels.get(it.patient_id, 0))
-    assignment = split_patients(patient_labels, cfg.split_fractions, cfg.split_seed)
-    self._report = {"config": cfg.name, "source": cfg.source, "splits": {}, "skipped": []}
-    return {split: self._generate_examples(split, [it for it in items
-                                                   if assignment[it.patient_id] == split])
-            for split in SPLITS}
+    data_cfg = data_config(cfg)
+    items = sources.list_items(data_cfg)
+    scratch = epath.Path(self.data_dir) / "_scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    self._scratch = scratch
+    workers = cfg.build_workers or multiprocessing.cpu_count()
+    order = {it.study_id: i for i, it in enumerate(items)}
 
-  def _generate_examples(self, split: str, items: Sequence[Item]):
-    cfg = self.builder_config
-    counts = {"read": 0, "kept": 0, "skipped": 0}
-    self._report["splits"][split] = counts
-    workers = cfg.build_workers or os.cpu_count() or 1
-    for item, example, error in _ordered_map(lambda it: make_example(it, cfg), items, workers):
-      counts["read"] += 1
+    def spill(item):
+      path = scratch / f"{order[item.study_id]:06d}.npz"
+      _save_npz(path, make_example(item, data_cfg))
+      return path
+
+    kept, skipped = [], []
+    for item, path, error in _ordered_map(spill, items, workers):
       if error is not None:
         if cfg.on_bad_scan == "fail":
           raise error
-        counts["skipped"] += 1
-        self._report["skipped"].append(
-            {"split": split, "study_id": item.study_id, "file": error.path, "reason": error.reason})
-        print(f"lung_ct: skipping {error}")
+        skipped.append({"study_id": item.study_id, "file": error.path, "reason": error.reason})
+        if len(skipped) <= MAX_SKIP_LINES:
+          print(f"lung_ct: skipping {error}")
         continue
-      counts["kept"] += 1
+      kept.append((item, path))
+    if not kept:
+      raise DataError(f"lung_ct: every one of the {len(items)} studies was skipped; first: "
+                      f"{skipped[0]['file']}: {skipped[0]['reason']}")
+    if any(it.split for it, _ in kept):  # The source's own splits (MedMNIST).
+      assignment = {it.study_id: it.split for it, _ in kept}
+    else:
+      patient_labels = {}
+      for it, _ in kept:
+        patient_labels[it.patient_id] = max(it.label, patient_labels.get(it.patient_id, 0))
+      by_patient = split_patients(patient_labels, cfg.split_fractions, cfg.split_seed)
+      assignment = {it.study_id: by_patient[it.patient_id] for it, _ in kept}
+    per_split = {s: [(it, p) for it, p in kept if assignment[it.study_id] == s] for s in SPLITS}
+    empty = [s for s, v in per_split.items() if not v]
+    if empty:
+      raise DataError(f"lung_ct: {len(kept)} usable studies of {len({it.patient_id for it, _ in kept})} "
+                      f"patients leave split(s) {empty} empty (data.split_fractions="
+                      f"{tuple(cfg.split_fractions)}); add scans or change the fractions")
+    self._report = {
+        "config": cfg.name, "source": cfg.source,
+        "totals": {"read": len(items), "kept": len(kept), "skipped": len(skipped)},
+        "skip_reasons": dict(collections.Counter(reason_kind(s["reason"]) for s in skipped).most_common()),
+        "splits": {s: {"kept": len(v), "labels": {str(k): n for k, n in sorted(
+            collections.Counter(it.label for it, _ in v).items())}} for s, v in per_split.items()},
+        "skipped": skipped,
+    }
+    return {split: self._generate_examples(entries) for split, entries in per_split.items()}
+
+  def _generate_examples(self, entries: Sequence[tuple[Item, epath.Path]]):
+    for item, path in entries:
+      example = _load_npz(path)
+      path.unlink()
       yield item.study_id, example
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
-    report = dict(self._report)
-    report["totals"] = {k: sum(c[k] for c in report["splits"].values())
-                        for k in ("read", "kept", "skipped")}
+    scratch = getattr(self, "_scratch", None)
+    if scratch is not None and scratch.exists():
+      scratch.rmtree()
+    report = self._report
     # self.data_dir is the incomplete dir here; TFDS renames it when the build succeeds.
-    with open(os.path.join(self.data_dir, REPORT_FILE), "w") as f:
-      json.dump(report, f, indent=2)
-    per_split = ", ".join(f"{s} {c['kept']}" for s, c in report["splits"].items())
-    t = report["totals"]
-    print(f"lung_ct {self.builder_config.name}: read {t['read']}, kept {t['kept']}, "
-          f"skipped {t['skipped']} ({per_split})")
+    (epath.Path(self.data_dir) / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    for line in summary_lines(report):
+      print(line)
 
 
-def split_index(builder: "LungCt", split: str) -> list[dict[str, Any]]:
-  """study_id, patient_id, label and grade of every example of ``split``, in order."""
-  from lungct.data import pipeline
-  source = builder.as_data_source(split)
-  rows = []
-  for i in range(len(source)):
-    ex = pipeline.decode(source[i])
-    rows.append({k: ex[k] if k.endswith("_id") else int(ex[k]) for k in ("study_id", "patient_id", "label", "grade")})
-  return rows
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+  """The build summary: read / kept / skipped, the reasons counted, each split's classes;
+  a WARNING line when more than LOUD_SKIP_FRACTION were skipped or a split lacks a class."""
+  t = report["totals"]
+  splits = ", ".join(f"{s} {c['kept']} (labels {c['labels']})" for s, c in report["splits"].items())
+  lines = [f"lung_ct {report['config']}: read {t['read']}, kept {t['kept']}, skipped {t['skipped']}; {splits}"]
+  if t["skipped"]:
+    reasons = "; ".join(f"{n} x {k}" for k, n in report["skip_reasons"].items())
+    frac = t["skipped"] / max(t["read"], 1)
+    if frac > LOUD_SKIP_FRACTION:
+      lines.append(f"WARNING: lung_ct skipped {t['skipped']} of {t['read']} studies ({100 * frac:.0f}%): "
+                   f"{reasons}. The kept set may be biased; see build_report.json.")
+    else:
+      lines.append(f"lung_ct: skipped {reasons} (see build_report.json)")
+  all_labels = set().union(*(c["labels"] for c in report["splits"].values()))
+  for s, c in report["splits"].items():
+    if c["kept"] and set(c["labels"]) != all_labels:
+      lines.append(f"WARNING: lung_ct split {s} has only label(s) {sorted(c['labels'])} of "
+                   f"{sorted(all_labels)}: its AUC is undefined")
+  return lines

@@ -1,0 +1,313 @@
+"""What the dataset builder reads: the studies of each source (`list_items`) and one
+study's volume (`load_item`).
+
+Sources (`data.source`):
+  synthetic   chest-CT phantoms (`lungct.data.phantom`), generated at build time.
+  nodules     nodule crops (`lungct.data.nodules`), generated at build time.
+  folder      NIfTI scans under `data.manual_dir` listed by `data.labels_csv`
+              (filename,label[,patient_id][,grade][,mask]).
+  dicom       the same CSV, each `filename` a folder holding one DICOM series.
+  mosmeddata  `manual_dir/CT-0..CT-4/study_XXXX.nii.gz` (+ masks/study_XXXX_mask.nii.gz).
+  medmnist    a MedMNIST 3D `.npz` (`manual_dir` = the file, or the folder holding
+              `<data.medmnist_flag>.npz` for 28^3 / `<flag>_64.npz` for 64^3); its own
+              train / val / test splits are kept.
+
+Every problem with the listing (a CSV row, a folder layout) raises `DataError` with a
+one-line message naming the file and row; every problem with one study raises
+`ScanError` (the builder skips or stops, `data.on_bad_scan`).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import io
+import os
+from typing import Any, Mapping
+
+import nibabel as nib
+import numpy as np
+
+from lungct.data import dicom
+from lungct.data import nifti
+from lungct.data import nodules
+from lungct.data import phantom
+from lungct.data.errors import DataError, ScanError
+
+SOURCES = ("synthetic", "nodules", "folder", "dicom", "mosmeddata", "medmnist")
+MAX_GRADE = 4
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MEDMNIST_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One study to turn into an example (a scan file / series, an array, or a recipe)."""
+  study_id: str
+  patient_id: str
+  label: int
+  grade: int
+  path: str = ""          # scan file or DICOM folder (folder / dicom / mosmeddata / medmnist)
+  mask_path: str = ""     # optional lesion mask file
+  phantom_seed: int = -1  # synthetic / nodules
+  index: int = -1         # medmnist: row in the split's array
+  split: str = ""         # a split fixed by the source (medmnist), else "" = by patient
+
+
+def study_id_of(filename: str) -> str:
+  base = os.path.basename(os.path.normpath(filename))
+  for suffix in NIFTI_SUFFIXES:
+    if base.endswith(suffix):
+      return base[: -len(suffix)]
+  return os.path.splitext(base)[0] if not os.path.isdir(filename) else base
+
+
+def _inside(root: str, rel: str, where: str, column: str, want_dir: bool = False) -> str:
+  """Resolves `rel` under `root`; DataError if absolute, escaping root or missing."""
+  if not rel:
+    raise DataError(f"{where}: empty {column}")
+  if os.path.isabs(rel) or rel.startswith("~"):
+    raise DataError(f"{where}: {column} {rel!r} must be a path relative to the data dir {root}")
+  norm = os.path.normpath(rel)
+  if norm == ".." or norm.startswith(".." + os.sep):
+    raise DataError(f"{where}: {column} {rel!r} escapes the data dir {root}")
+  path = os.path.join(root, norm)
+  ok = os.path.isdir(path) if want_dir else os.path.isfile(path)
+  if not ok:
+    kind = "folder" if want_dir else "file"
+    raise DataError(f"{where}: {column} {rel!r} not found (looked for the {kind} {path})")
+  return path
+
+
+def _int_field(value: str, where: str, column: str, low: int, high: int | None) -> int:
+  try:
+    out = int(value.strip())
+  except ValueError:
+    raise DataError(f"{where}: {column} {value!r} is not an integer class") from None
+  if out < low or (high is not None and out > high):
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise DataError(f"{where}: unknown {column} {out} (must be {bound})")
+  return out
+
+
+def _read_csv(csv_path: str) -> tuple[list[str], list[dict[str, str]]]:
+  """Header and rows; accepts a UTF-8 BOM (Excel's "CSV UTF-8") and ';' separators."""
+  try:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise DataError(f"{csv_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  first = text.splitlines()[0] if text.strip() else ""
+  delimiter = ";" if first.count(";") > first.count(",") else ","
+  reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+  columns = [(c or "").strip() for c in (reader.fieldnames or [])]
+  rows = []
+  for i, r in enumerate(reader):
+    if None in r:
+      raise DataError(f"{csv_path} row {i + 2}: more fields than the header's {len(columns)} "
+                      f"({delimiter!r}-separated)")
+    rows.append({(k or "").strip(): (v or "").strip() for k, v in r.items()})
+  return columns, rows
+
+
+def list_folder_items(manual_dir: str, labels_csv: str, *, series_folders: bool = False) -> list[Item]:
+  """Reads and validates the labels CSV; DataError naming the CSV row on any problem.
+
+  Columns (header required): filename, label (0 / 1), optional patient_id (default:
+  the study id), grade (-1..4, default -1) and mask (a mask file). Paths are relative
+  to `manual_dir` and must stay inside it. series_folders: each filename is a folder
+  holding one DICOM series (source "dicom").
+  """
+  csv_path = labels_csv
+  if not os.path.isabs(csv_path) and not os.path.isfile(csv_path):
+    csv_path = os.path.join(manual_dir, labels_csv)
+  if not os.path.isfile(csv_path):
+    raise DataError(f"labels CSV {labels_csv!r} not found (also looked in {manual_dir})")
+  if not os.path.isdir(manual_dir):
+    raise DataError(f"data dir {manual_dir!r} (data.manual_dir) does not exist")
+  columns, rows = _read_csv(csv_path)
+  missing = {"filename", "label"} - set(columns)
+  if missing:
+    raise DataError(f"{csv_path}: header must name columns filename,label[,patient_id][,grade]"
+                    f"[,mask]; missing {sorted(missing)} in {columns}")
+  items, seen_files, seen_ids = [], {}, {}
+  for i, r in enumerate(rows):
+    row = i + 2  # 1-based line number; line 1 is the header.
+    where = f"{csv_path} row {row}"
+    path = _inside(manual_dir, r["filename"], where, "filename", want_dir=series_folders)
+    norm = os.path.normpath(r["filename"])
+    if norm in seen_files:
+      raise DataError(f"{where}: duplicate filename {r['filename']!r} (first at row {seen_files[norm]})")
+    seen_files[norm] = row
+    study_id = study_id_of(path)
+    if study_id in seen_ids:
+      raise DataError(f"{where}: duplicate study id {study_id!r} (first at row {seen_ids[study_id]})")
+    seen_ids[study_id] = row
+    label = _int_field(r["label"], where, "label", 0, 1)
+    grade = -1
+    if r.get("grade", ""):
+      grade = _int_field(r["grade"], where, "grade", -1, MAX_GRADE)
+    mask_path = _inside(manual_dir, r["mask"], where, "mask") if r.get("mask", "") else ""
+    items.append(Item(study_id=study_id, patient_id=r.get("patient_id", "") or study_id,
+                      label=label, grade=grade, path=path, mask_path=mask_path))
+  if not items:
+    raise DataError(f"{csv_path}: no rows")
+  return items
+
+
+def list_mosmeddata_items(manual_dir: str) -> list[Item]:
+  """Lists `manual_dir/CT-<grade>/study_XXXX.nii[.gz]` (+ `masks/study_XXXX_mask.nii.gz`)."""
+  if not os.path.isdir(manual_dir):
+    raise DataError(f"MosMedData dir {manual_dir!r} (data.manual_dir) does not exist")
+  items, seen = [], {}
+  for grade in range(MAX_GRADE + 1):
+    folder = os.path.join(manual_dir, f"CT-{grade}")
+    if not os.path.isdir(folder):
+      continue
+    for name in sorted(os.listdir(folder)):
+      if not name.endswith(NIFTI_SUFFIXES):
+        continue
+      study_id = study_id_of(name)
+      path = os.path.join(folder, name)
+      if study_id in seen:
+        raise DataError(f"{path}: duplicate study id {study_id!r} (also {seen[study_id]})")
+      seen[study_id] = path
+      mask_path = ""
+      for suffix in NIFTI_SUFFIXES:
+        candidate = os.path.join(manual_dir, "masks", f"{study_id}_mask{suffix}")
+        if os.path.isfile(candidate):
+          mask_path = candidate
+          break
+      items.append(Item(study_id=study_id, patient_id=study_id, label=int(grade > 0),
+                        grade=grade, path=path, mask_path=mask_path))
+  if not items:
+    raise DataError(f"{manual_dir}: no CT-0..CT-{MAX_GRADE}/*.nii.gz scans found (MosMedData layout)")
+  return items
+
+
+def medmnist_file(manual_dir: str, flag: str = "nodulemnist3d", size: int = 28) -> str:
+  """The .npz: `manual_dir` itself, or `<manual_dir>/<flag>.npz` (28) / `<flag>_<size>.npz`."""
+  if manual_dir.endswith(".npz"):
+    path = manual_dir
+  else:
+    path = os.path.join(manual_dir, f"{flag}.npz" if int(size) == 28 else f"{flag}_{int(size)}.npz")
+  if not os.path.isfile(path):
+    raise DataError(f"MedMNIST file {path} not found (data.manual_dir: the .npz, or the folder "
+                    f"holding {flag}.npz / {flag}_64.npz)")
+  return path
+
+
+def list_medmnist_items(path: str) -> list[Item]:
+  """One item per row of train_/val_/test_images, in MedMNIST's own splits."""
+  try:
+    with np.load(path, mmap_mode="r") as z:
+      keys = set(z.files)
+      shapes = {s: (z[f"{s}_images"].shape, z[f"{s}_labels"].reshape(len(z[f"{s}_labels"]), -1)[:, 0])
+                for s in MEDMNIST_SPLITS if f"{s}_images" in keys and f"{s}_labels" in keys}
+  except Exception as e:
+    raise DataError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from e
+  if set(shapes) != set(MEDMNIST_SPLITS):
+    raise DataError(f"{path}: a MedMNIST 3D file holds train_/val_/test_ images and labels; "
+                    f"found {sorted(keys)}")
+  items = []
+  for split, (shape, labels) in shapes.items():
+    if len(shape) not in (4, 5) or len(shape) == 5 and shape[-1] != 1:
+      raise DataError(f"{path}: {split}_images has shape {shape}, expected (N, D, H, W) (a 3D MedMNIST set)")
+    if len(labels) != shape[0]:
+      raise DataError(f"{path}: {len(labels)} {split}_labels for {shape[0]} {split}_images")
+    labels = np.asarray(labels, np.int64)
+    binary = int(labels.max(initial=0)) <= 1
+    for i, y in enumerate(labels):
+      sid = f"{split}_{i:05d}"
+      items.append(Item(study_id=sid, patient_id=sid, label=int(y) if binary else int(y > 0),
+                        grade=int(y), path=path, index=i, split=MEDMNIST_SPLITS[split]))
+  return items
+
+
+def list_items(data_cfg: Mapping[str, Any]) -> list[Item]:
+  """The studies of data_cfg's source (no volume is read); DataError if the listing is bad."""
+  source = data_cfg.get("source", "synthetic")
+  manual_dir = str(data_cfg.get("manual_dir", "") or "")
+  if source == "synthetic":
+    return [Item(study_id=str(s), patient_id=str(p), label=int(g > 0), grade=int(g), phantom_seed=int(seed))
+            for s, p, g, seed in phantom.phantom_set(int(data_cfg.get("num_scans", 160)),
+                                                     int(data_cfg.get("phantom_seed", 0)))]
+  if source == "nodules":
+    return [Item(study_id=n.study_id, patient_id=n.patient_id, label=n.label, grade=n.grade,
+                 phantom_seed=n.seed)
+            for n in nodules.nodule_set(int(data_cfg.get("num_scans", 400)),
+                                        int(data_cfg.get("phantom_seed", 0)))]
+  if not manual_dir:
+    raise DataError(f"data.source={source!r} needs data.manual_dir")
+  if source == "mosmeddata":
+    return list_mosmeddata_items(manual_dir)
+  if source in ("folder", "dicom"):
+    if not data_cfg.get("labels_csv", ""):
+      raise DataError(f"data.source={source!r} needs data.labels_csv "
+                      "(filename,label[,patient_id][,grade][,mask])")
+    return list_folder_items(manual_dir, str(data_cfg["labels_csv"]), series_folders=source == "dicom")
+  if source == "medmnist":
+    return list_medmnist_items(medmnist_file(manual_dir, str(data_cfg.get("medmnist_flag", "nodulemnist3d")),
+                                             int(data_cfg.get("medmnist_size", 28))))
+  raise DataError(f"data.source must be one of {SOURCES}, got {source!r}")
+
+
+@functools.lru_cache(maxsize=3)
+def _medmnist_images(path: str, split: str, mtime: float) -> np.ndarray:
+  """A split's image array, read once per build (an .npz member is read whole on access);
+  `mtime` keys the cache so a rewritten file is read again."""
+  del mtime
+  with np.load(path) as z:
+    return np.asarray(z[f"{split}_images"])
+
+
+def load_mask(path: str, shape_xyz) -> np.ndarray:
+  """A lesion mask file -> uint8 (x, y, z) in canonical orientation; ScanError if bad."""
+  try:
+    img = nib.as_closest_canonical(nib.squeeze_image(nib.load(path)))
+    mask = np.asarray(img.dataobj)
+  except Exception as e:
+    raise ScanError(path, f"cannot read mask ({type(e).__name__}: {e})") from e
+  if tuple(mask.shape) != tuple(shape_xyz):
+    raise ScanError(path, f"mask shape {mask.shape} differs from its scan's {tuple(shape_xyz)}")
+  return (mask > 0).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Loaded:
+  """One study's volume: a Scan (x, y, z), its lesion mask (x, y, z) or None, and
+  whether the values are HU (False: already in [0, 1], e.g. MedMNIST)."""
+  scan: nifti.Scan
+  mask: np.ndarray | None
+  hu: bool = True
+
+
+def load_item(item: Item, data_cfg: Mapping[str, Any]) -> Loaded:
+  """Reads / generates one study. ScanError if it cannot be used."""
+  source = data_cfg.get("source", "synthetic")
+  if source == "synthetic":
+    shape = tuple(data_cfg.get("phantom_shape", ()) or ())
+    ph = phantom.make_phantom(item.phantom_seed, item.grade, **({"shape_xyz": shape} if shape else {}))
+    scan = nifti.Scan(volume=ph.hu, spacing=ph.spacing, affine=ph.affine, path=f"phantom {item.study_id}")
+    return Loaded(scan, ph.mask)
+  if source == "nodules":
+    nod = nodules.make_nodule(item.phantom_seed, item.grade)
+    scan = nifti.Scan(volume=nod.hu, spacing=nod.spacing, affine=nod.affine, path=f"nodule {item.study_id}")
+    return Loaded(scan, nod.mask)
+  if source == "medmnist":
+    split = {v: k for k, v in MEDMNIST_SPLITS.items()}[item.split]
+    images = _medmnist_images(item.path, split, os.path.getmtime(item.path))
+    vol = np.asarray(images[item.index], dtype=np.float32).reshape(images.shape[1:4])
+    # MedMNIST volumes are (D, H, W) uint8 0..255 (or floats in [0, 1]) at an assumed 1 mm.
+    scale = 255.0 if vol.max(initial=0) > 1.0 else 1.0
+    spacing = float(data_cfg.get("medmnist_spacing", 1.0) or 1.0)
+    vol_xyz = np.transpose(vol / np.float32(scale), (2, 1, 0))
+    scan = nifti.Scan(volume=vol_xyz, spacing=np.full(3, spacing), affine=np.diag([spacing] * 3 + [1.0]),
+                      path=f"{item.path}[{item.study_id}]")
+    return Loaded(scan, None, hu=False)
+  if source == "dicom":
+    scan = dicom.load_series(item.path)
+  else:
+    scan = nifti.load_scan(item.path)
+  mask = load_mask(item.mask_path, scan.volume.shape) if item.mask_path else None
+  return Loaded(scan, mask)
