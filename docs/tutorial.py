@@ -68,9 +68,9 @@ if QUICK:
            precise_bn=2, n_boot=100, grade_scans=24, grade_steps=6, ft_steps=4, seg_patch=(32, 32, 32),
            seg_features=(4, 8, 16), seg_batch=2, seg_steps=4, seg_eval_every=4)
 else:
-  S = dict(num_scans=160, shape=(48, 64, 64), features=(16, 16, 32, 64), dense=128, batch=8, steps=168,
-           eval_every=14, precise_bn=8, n_boot=1000, grade_scans=160, grade_steps=112, ft_steps=56,
-           seg_patch=(32, 48, 48), seg_features=(8, 16, 32), seg_batch=4, seg_steps=120, seg_eval_every=40)
+  S = dict(num_scans=160, shape=(48, 64, 64), features=(16, 16, 32, 64), dense=128, batch=8, steps=112,
+           eval_every=28, precise_bn=4, n_boot=1000, grade_scans=80, grade_steps=42, ft_steps=28,
+           seg_patch=(32, 48, 48), seg_features=(8, 16, 32), seg_batch=4, seg_steps=40, seg_eval_every=40)
 print(f"{'QUICK' if QUICK else 'FULL'} sizes; outputs under {ROOT}")
 
 # %%
@@ -84,7 +84,6 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 from flax import nnx
-from scipy import ndimage
 
 from configs import default, finetune, pretrain_grades, unet_seg
 from lungct import checkpoint, config_check, interpret, main, metrics, models, report, runtime, tasks, train, viz
@@ -188,39 +187,24 @@ for name, window in (("lung window (-1000, 400)", (-1000, 400)), ("soft-tissue w
   show(viz.montage(vol, num_slices=4, cols=4, window=window, title=name), "03_window_" + name.split()[0])
 
 # %% [markdown]
-# **A real-looking nodule crop.** Radiologists read nodules in small isotropic crops. We take the most compact
-# connected lesion of a phantom (a solid nodule when there is one), cut a 48 mm cube around it and resample it
-# to 1 mm voxels with `preprocess.resample_to_spacing`.
+# **A real-looking nodule crop.** Nodule studies (LIDC-IDRI, NoduleMNIST3D) come as small crops around one
+# nodule: anisotropic voxels (0.5–1 mm in-plane, 0.6–2.5 mm slices), often only a few slices thick.
+# `lungct.data.nodules.make_nodule` draws such crops: benign nodules small, smooth and sometimes calcified;
+# malignant ones larger, lobulated or spiculated, some part-solid (a ground-glass rim around a solid core).
 
 # %%
-def nodule_crop(ph, size_mm=48.0, target=(1.0, 1.0, 1.0)):
-  """The most spherical lesion component of a phantom, as an isotropic (D, H, W) HU crop and its mask."""
-  vol, msk = preprocess.to_dhw(ph.hu), preprocess.to_dhw(ph.mask)
-  sp = np.asarray(ph.spacing, float)[::-1]
-  labels, n = ndimage.label(msk)
-  best = None
-  for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-    comp = labels[sl] == i
-    extent_mm = np.array([s.stop - s.start for s in sl]) * sp
-    fill = comp.sum() * np.prod(sp) / (np.pi / 6 * np.prod(extent_mm))  # 1.0 for a perfect ellipsoid
-    hu = np.median(vol[sl][comp])
-    score = (hu > -200, -abs(1 - fill), comp.sum() > 4)                   # solid first, then round
-    if best is None or score > best[0]:
-      best = (score, i, extent_mm, hu)
-  _, i, extent_mm, hu = best
-  half = np.round(size_mm / 2 / sp).astype(int)
-  c = np.round(ndimage.center_of_mass(labels == i)).astype(int)
-  box = tuple(slice(max(0, ci - h), ci + h) for ci, h in zip(c, half))
-  crop = preprocess.resample_to_spacing(vol[box], sp, target, order=1)
-  crop_mask = preprocess.resample_to_spacing((labels[box] == i).astype(np.uint8), sp, target, order=0)
-  return crop, crop_mask, extent_mm, hu, n
+from lungct.data import nodules
 
-
-crop, crop_mask, extent_mm, crop_hu, n_lesions = nodule_crop(ph)
-print(f"{n_lesions} connected lesions; chosen: extent {np.round(extent_mm, 1).tolist()} mm (z, y, x), "
-      f"median {crop_hu:.0f} HU; crop resampled to {crop.shape} voxels of 1 mm")
-show(viz.orthogonal_views(crop, mask=crop_mask, spacing=(1, 1, 1),   # centred on the chosen lesion's mask
-                          title="Lesion crop, 1 mm isotropic, lung window"), "04_nodule_crop")
+for seed, grade in ((3, 0), (3, 4)):
+  nod = nodules.make_nodule(seed, grade)
+  nod_vol, nod_mask = preprocess.to_dhw(nod.hu), preprocess.to_dhw(nod.mask)
+  nod_sp = nod.spacing[::-1].copy()
+  kind = "malignant" if nod.malignant else "benign"
+  print(f"{kind:>9} ({nod.kind}): {nod.diameter_mm:.1f} mm, crop {nod_vol.shape} voxels (z, y, x) of "
+        f"{np.round(nod_sp, 2).tolist()} mm = {np.round(np.asarray(nod_vol.shape) * nod_sp, 1).tolist()} mm; "
+        f"median HU in the nodule {np.median(nod_vol[nod_mask > 0]):.0f}")
+  show(viz.orthogonal_views(nod_vol, mask=nod_mask, spacing=nod_sp,
+                            title=f"{kind} nodule, {nod.diameter_mm:.1f} mm, native spacing"), f"04_nodule_{kind}")
 
 # %% [markdown]
 # ## 2. Preprocessing choices and why
@@ -232,16 +216,20 @@ show(viz.orthogonal_views(crop, mask=crop_mask, spacing=(1, 1, 1),   # centred o
 #   disease at full resolution and clips bone and metal that would otherwise dominate the scale.
 # * **Spacing** `data.target_spacing` (`resample_to_spacing`): scanners differ (0.6 mm vs 5 mm slices);
 #   resampling to one spacing makes one voxel mean the same millimetres in every scan. Empty = skip it.
-# * **Fit to shape** `data.shape` (`resize`): the tutorial resizes the whole scan to a fixed (D, H, W), which keeps
-#   the whole chest but stretches voxels differently per scan.
+# * **Fit to shape** `data.shape` with `data.fit`: `"resize"` (the Keras tutorial) stretches the whole scan to a
+#   fixed (D, H, W), which keeps the whole chest but makes one voxel mean different millimetres in every scan;
+#   `"crop_or_pad"` keeps the millimetres and cuts (or pads with air) a window of `data.shape` voxels, centred on
+#   the scan or on the lesion mask (`data.crop_center`). Resizing suits whole-lung findings; for nodules, whose
+#   size in mm is the strongest malignancy cue, crop at a fixed spacing.
 
 # %%
 cfg = default.get_config()
 config_check.apply_overrides(cfg, {"data.shape": S["shape"]})
 windowed = preprocess.scale_intensity_range(vol, *cfg.data.hu_window)
 iso = preprocess.resample_to_spacing(windowed, spacing_dhw, (2.5, 2.5, 2.5))
-x = preprocess.model_input(scan, cfg.data)   # window + (spacing) + resize, exactly as stored for training
-voxel_mm = np.asarray(vol.shape) * spacing_dhw / np.asarray(x.shape)
+prepared = preprocess.preprocess_scan(scan, cfg.data)   # window + (spacing) + fit, exactly as stored for training
+x, voxel_mm = prepared["image"], prepared["voxel_spacing"]
+assert np.array_equal(preprocess.model_input(scan, cfg.data)[..., 0], x)  # what --mode=predict feeds the model
 print(f"raw        {vol.shape} HU in [{vol.min():.0f}, {vol.max():.0f}], {spacing_dhw.tolist()} mm voxels")
 print(f"windowed   {windowed.shape} in [{windowed.min():.2f}, {windowed.max():.2f}]; "
       f"{np.mean((vol < -1000) | (vol > 400)):.1%} of voxels clipped")
@@ -254,6 +242,28 @@ show(viz.orthogonal_views(vol, spacing=spacing_dhw, title=f"Before: {vol.shape} 
      "05_before")
 show(viz.orthogonal_views(x, spacing=voxel_mm, title=f"After: model input {x.shape} in [0, 1] "
                           f"(voxel {np.round(voxel_mm, 1).tolist()} mm)"), "06_after")
+
+# %% [markdown]
+# The nodule recipe (`configs/nodule.py`): resample to 1 mm isotropic, then `crop_or_pad` a 32×32×32 window
+# centred on the nodule's mask. Both nodules above keep their true size in millimetres; a thin crop is padded
+# with air rather than stretched.
+
+# %%
+from configs import nodule as nodule_config
+
+nod_cfg = nodule_config.get_config().data
+print(f"nodule geometry: target_spacing {tuple(nod_cfg.target_spacing)} mm, fit {nod_cfg.fit!r}, "
+      f"crop_center {nod_cfg.crop_center!r}, shape {tuple(nod_cfg.shape)}")
+for seed, grade in ((3, 0), (3, 4)):
+  nod = nodules.make_nodule(seed, grade)
+  out = preprocess.preprocess_arrays(preprocess.to_dhw(nod.hu), nod.spacing[::-1].copy(), nod_cfg,
+                                     preprocess.to_dhw(nod.mask))
+  kind = "malignant" if nod.malignant else "benign"
+  print(f"{kind:>9}: -> {out['image'].shape} voxels of {out['voxel_spacing'].tolist()} mm, nodule "
+        f"{int(out['mask'].sum())} voxels = {out['mask'].sum():.0f} mm^3 "
+        f"(a {nod.diameter_mm:.1f} mm sphere: {np.pi / 6 * nod.diameter_mm ** 3:.0f} mm^3)")
+  show(viz.orthogonal_views(out["image"], mask=out["mask"], spacing=out["voxel_spacing"],
+                            title=f"{kind} nodule after 1 mm resampling + crop_or_pad to 32^3"), f"06_nodule_{kind}_32")
 
 # %% [markdown]
 # ## 3. The dataset build and the loader
