@@ -200,7 +200,7 @@ for seed, grade in ((3, 0), (3, 4)):
   nod_vol, nod_mask = preprocess.to_dhw(nod.hu), preprocess.to_dhw(nod.mask)
   nod_sp = nod.spacing[::-1].copy()
   kind = "malignant" if nod.malignant else "benign"
-  print(f"{kind:>9} ({nod.kind}): {nod.diameter_mm:.1f} mm, crop {nod_vol.shape} voxels (z, y, x) of "
+  print(f"{kind:>9} (margin: {nod.kind}): {nod.diameter_mm:.1f} mm, crop {nod_vol.shape} voxels (z, y, x) of "
         f"{np.round(nod_sp, 2).tolist()} mm = {np.round(np.asarray(nod_vol.shape) * nod_sp, 1).tolist()} mm; "
         f"median HU in the nodule {np.median(nod_vol[nod_mask > 0]):.0f}")
   show(viz.orthogonal_views(nod_vol, mask=nod_mask, spacing=nod_sp,
@@ -235,13 +235,13 @@ print(f"windowed   {windowed.shape} in [{windowed.min():.2f}, {windowed.max():.2
       f"{np.mean((vol < -1000) | (vol > 400)):.1%} of voxels clipped")
 print(f"2.5 mm iso {iso.shape} ({iso.size / vol.size:.2f}x the voxels)")
 print(f"model input {x.shape} float32 in [{x.min():.2f}, {x.max():.2f}], one voxel = "
-      f"{np.round(voxel_mm, 2).tolist()} mm (z, y, x)")
+      f"{np.round(voxel_mm.astype(float), 2).tolist()} mm (z, y, x)")
 
 # %%
 show(viz.orthogonal_views(vol, spacing=spacing_dhw, title=f"Before: {vol.shape} HU, spacing {spacing_dhw.tolist()} mm"),
      "05_before")
 show(viz.orthogonal_views(x, spacing=voxel_mm, title=f"After: model input {x.shape} in [0, 1] "
-                          f"(voxel {np.round(voxel_mm, 1).tolist()} mm)"), "06_after")
+                          f"(voxel {np.round(voxel_mm.astype(float), 1).tolist()} mm)"), "06_after")
 
 # %% [markdown]
 # The nodule recipe (`configs/nodule.py`): resample to 1 mm isotropic, then `crop_or_pad` a 32×32×32 window
@@ -328,7 +328,7 @@ print(f"read {n_read} volumes in {time.time() - t:.2f} s "
 # %%
 ex = pipeline.decode(train_src[int(np.argmax([r["grade"] for r in index["train"]]))])
 print(f"{ex['study_id']}: grade {ex['grade']}, stored image {ex['image'].shape}, "
-      f"one voxel = {np.round(ex['voxel_spacing'], 2).tolist()} mm")
+      f"one voxel = {np.round(ex['voxel_spacing'].astype(float), 2).tolist()} mm")
 show(viz.montage(ex["image"], num_slices=8, mask=ex["mask"], title=f"Stored example {ex['study_id']} "
                  f"(grade {ex['grade']}), lesion mask in red"), "07_stored_example")
 
