@@ -49,7 +49,7 @@ def time_tutorial(paths, shape_dhw, num: int) -> float:
   return num / (time.perf_counter() - t)
 
 
-def time_lungct(builder, data_cfg, batch: int, num_batches: int) -> float:
+def time_lungct(builder, config, batch: int, num_batches: int) -> float:
   """Volumes/s of grain batches + on-device jitted augmentation (first batch = warm-up/compile)."""
   import functools
   import jax
@@ -57,8 +57,8 @@ def time_lungct(builder, data_cfg, batch: int, num_batches: int) -> float:
   source = builder.as_data_source("train")
   ds = pipeline.make_dataset(source, global_batch_size=batch, seed=0, shuffle=True, num_epochs=None,
                              drop_remainder=True, process_index=0, process_count=1)
-  it = pipeline.iterate(ds, num_threads=data_cfg.num_threads, prefetch=data_cfg.prefetch)
-  aug = jax.jit(functools.partial(augment.augment_batch, cfg=data_cfg.augment))
+  it = pipeline.iterate(ds, loader=config.loader)
+  aug = jax.jit(functools.partial(augment.augment_batch, cfg=config.augment))
   key = jax.random.PRNGKey(0)
   jax.block_until_ready(aug(key, next(it)["image"]))
   t = time.perf_counter()
@@ -91,7 +91,8 @@ def main(argv=None) -> dict:
   cfg = dataset_build.data_config(scans, csv_path, os.path.join(args.workdir, "tfds"), tuple(args.shape))
   builder = lung_ct.prepare(cfg)
   paths = sorted(os.path.join(scans, f) for f in os.listdir(scans) if f.endswith(".nii.gz"))
-  lungct_vps = time_lungct(builder, cfg, args.batch, args.batches)
+  from configs import default
+  lungct_vps = time_lungct(builder, default.get_config(), args.batch, args.batches)
   tutorial_vps = time_tutorial(paths, tuple(args.shape), args.tutorial_volumes)
   train_vps = args.train_vps or measure_train_vps(args.batch, args.shape)
   out = {"num_scans": args.num, "phantom_shape_xyz": list(args.phantom_shape), "shape_dhw": list(args.shape),

@@ -57,14 +57,22 @@ def choose_threshold(config: ml_collections.ConfigDict, workdir: str) -> tuple[f
   return 0.5, "default 0.5 (run --mode=eval first to choose one on validation)"
 
 
-def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
-                  explicit: Sequence[str] = ()) -> list[dict]:
+def restore_binary_classifier(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str,
+                              explicit: Sequence[str], mode: str):
+  """(predictor, task) for predict/report: the checkpoint restored for inference, which must be a binary
+  classifier (TaskError naming the mode otherwise)."""
   predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit,
                                             num_outputs=tasks.num_outputs)
+  task = tasks.check_mode(predictor.config, mode)
+  if predictor.config.data.label != "binary":
+    raise tasks.TaskError(f"--mode={mode} covers binary classifiers (config.data.label='binary')")
+  return predictor, task
+
+
+def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
+                  explicit: Sequence[str] = ()) -> list[dict]:
+  predictor, task = restore_binary_classifier(config, workdir, checkpoint_path, explicit, "predict")
   config = predictor.config
-  task = tasks.check_mode(config, "predict")
-  if config.data.label != "binary":
-    raise tasks.TaskError("--mode=predict covers binary classifiers (config.data.label='binary')")
   files = list_scans(config.predict.input)
   v = predictor.variables
   apply = task.make_apply(v.graphdef, predictor.mesh, config)

@@ -15,7 +15,7 @@ import os
 import ml_collections
 import numpy as np
 
-from lungct import interpret, metrics, runtime, tasks, train, viz
+from lungct import interpret, metrics, runtime, train, viz
 from lungct.data import lung_ct, pipeline
 
 LIMITATIONS_SYNTHETIC = (
@@ -111,12 +111,9 @@ def gradcam_figures(config, predictor: runtime.Predictor, source, test_pred: dic
 
 def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
                  explicit=()) -> str:
-  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit,
-                                            num_outputs=tasks.num_outputs)
+  from lungct import predict
+  predictor, task = predict.restore_binary_classifier(config, workdir, checkpoint_path, explicit, "report")
   config = predictor.config
-  task = tasks.check_mode(config, "report")
-  if config.data.label != "binary":
-    raise tasks.TaskError("--mode=report covers binary classifiers (config.data.label='binary')")
   ev_path = os.path.join(workdir, "eval_test.json")
   sources = train.data_sources(config)
   if not os.path.exists(ev_path):

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from lungct.models import common
+from lungct.ops import onednn_conv
 from lungct.models.cnn3d import CNN3D
 from lungct.models.resnet3d import ResNet3D
 
@@ -62,7 +63,10 @@ def test_unknown_impl_is_rejected():
                        conv_impl=impl, rngs=nnx.Rngs(0)),
     lambda impl: ResNet3D(num_outputs=3, depth=10, width=4, conv_impl=impl, rngs=nnx.Rngs(0)),
 ])
-def test_models_same_outputs_and_gradients(make):
+@pytest.mark.parametrize("impl", ["im2col", "onednn"])
+def test_models_same_outputs_and_gradients(make, impl):
+  if impl == "onednn" and not onednn_conv.available():
+    pytest.skip(f"oneDNN extension not built: {onednn_conv.unavailable_reason()}")
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 16, 1))
 
   def loss_and_grads(impl):
@@ -75,7 +79,7 @@ def test_models_same_outputs_and_gradients(make):
     return jax.jit(jax.value_and_grad(loss))(params)
 
   loss_x, grads_x = loss_and_grads("xla")
-  loss_i, grads_i = loss_and_grads("im2col")
+  loss_i, grads_i = loss_and_grads(impl)
   np.testing.assert_allclose(loss_i, loss_x, rtol=1e-4, atol=1e-5)
   for a, b in zip(jax.tree.leaves(grads_i), jax.tree.leaves(grads_x)):
     # Summation order differs: 1e-4 relative to the array's scale.

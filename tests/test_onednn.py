@@ -120,29 +120,7 @@ def test_missing_compiler_falls_back_with_one_warning(tmp_path):
       out.stderr[-2000:]
 
 
-@needs_ext
-@pytest.mark.parametrize("make", [
-    lambda impl: CNN3D(num_outputs=1, features=(4, 4, 8, 8), dense=8, dropout=0.0, padding="SAME",
-                       conv_impl=impl, rngs=nnx.Rngs(0)),
-    # ResNet-10 at width 4: stem 7x7x7 stride (1, 2, 2), strided blocks and 1x1x1 projections.
-    lambda impl: ResNet3D(num_outputs=3, depth=10, width=4, conv_impl=impl, rngs=nnx.Rngs(0)),
-])
-def test_models_same_outputs_and_gradients(make):
-  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 16, 1))
-
-  def loss_and_grads(impl):
-    graphdef, params, stats = nnx.split(make(impl), nnx.Param, nnx.BatchStat)
-    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
-
-    def loss(p):
-      return jnp.mean(nnx.merge(graphdef, p, stats)(x, train=False))
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  loss_x, grads_x = loss_and_grads("xla")
-  loss_o, grads_o = loss_and_grads("onednn")
-  np.testing.assert_allclose(loss_o, loss_x, rtol=1e-4, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(grads_o), jax.tree.leaves(grads_x)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))) + 1e-6)
+# Whole models (CNN3D, ResNet-10) against XLA: tests/test_conv_impl.py::test_models_same_outputs_and_gradients.
 
 
 SHARDED = textwrap.dedent("""
