@@ -25,7 +25,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
   predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit,
                                             num_outputs=tasks.num_outputs)
   task = tasks.check_mode(predictor.config, "eval")
-  return task.run_eval(predictor, train.data_sources(predictor.config), workdir, split)
+  return task.run_eval(predictor, runtime.data_sources(predictor.config), workdir, split)
 
 
 # ----------------------------------------------------------------------------- cross-validation
@@ -96,7 +96,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   tasks.check_mode(config, "cv")
   k = int(config.cv.folds)
-  sources = train.data_sources(config)
+  sources = runtime.data_sources(config)
   pool = Concat([sources["train"], sources["validation"]])
   rows = _index(config, "train") + _index(config, "validation")
   key = "grade" if config.data.label == "grade" else "label"

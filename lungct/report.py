@@ -15,7 +15,7 @@ import os
 import ml_collections
 import numpy as np
 
-from lungct import interpret, metrics, runtime, train, viz
+from lungct import interpret, metrics, runtime, viz
 from lungct.data import lung_ct, pipeline
 
 LIMITATIONS_SYNTHETIC = (
@@ -115,7 +115,7 @@ def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_pat
   predictor, task = predict.restore_binary_classifier(config, workdir, checkpoint_path, explicit, "report")
   config = predictor.config
   ev_path = os.path.join(workdir, "eval_test.json")
-  sources = train.data_sources(config)
+  sources = runtime.data_sources(config)
   if not os.path.exists(ev_path):
     task.run_eval(predictor, sources, workdir, "test")
   with open(ev_path) as f:

@@ -6,6 +6,7 @@ the inference modes (eval, predict, report) build on it.
 * One `Mesh` with axes ("data", "space"): the batch is split over "data", the depth of every volume over
   "space" (`config.mesh.space`, 1 = no spatial split). Model variables are replicated.
 * Each host holds its share of a global batch; `to_global` turns it into one sharded `jax.Array`.
+* The dataset: built once (by process 0, the others wait) and opened on every host (`data_sources`).
 * `Variables` = (graphdef, params, batch_stats): a model split into its static graph and plain pytrees.
 * `restore_for_inference` reads params and BatchNorm statistics from a checkpoint (no optimizer state, so a
   changed optimizer, schedule or freeze setting cannot break eval/predict/report), with the model, data and
@@ -100,6 +101,47 @@ def host_slice(global_batch: np.ndarray) -> np.ndarray:
 def fetch(x: jax.Array) -> np.ndarray:
   """A (replicated or fully addressable) device array as numpy on this host."""
   return np.asarray(jax.device_get(x))
+
+
+# ----------------------------------------------------------------------------- the dataset, on every host
+
+def data_sources(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{"train", "validation", "test"} random-access sources of the (built on first use) TFDS dataset."""
+  builder = prepare_dataset(config.data)
+  return {split: builder.as_data_source(split) for split in ("train", "validation", "test")}
+
+
+def dataset_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the dataset build read, kept and skipped (and why), from its build report; {} if there is none."""
+  from lungct.data import lung_ct
+  try:
+    report = lung_ct.read_build_report(lung_ct.builder_for(config.data))
+  except (OSError, ValueError):
+    return {}
+  return {k: report[k] for k in ("config", "totals", "skip_reasons", "splits") if k in report}
+
+
+def prepare_dataset(data_cfg: ml_collections.ConfigDict):
+  """`lung_ct.prepare` on process 0 only, a barrier, then every process opens the built dataset.
+
+  Several processes building one data_dir at once race on TFDS's final rename (FileExistsError on one, the
+  others then hang in the next collective). A build error on process 0 is raised on every process.
+  """
+  from lungct.data import lung_ct
+  if jax.process_count() == 1:
+    return lung_ct.prepare(data_cfg)
+  from jax.experimental import multihost_utils
+  error = None
+  if jax.process_index() == 0:
+    try:
+      lung_ct.prepare(data_cfg)
+    except Exception as e:  # noqa: BLE001  (raised below, after the others have heard of it)
+      error = e
+  if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))):  # also the barrier
+    if error is not None:
+      raise error
+    raise RuntimeError("building the dataset on process 0 failed (see its output)")
+  return lung_ct.prepare(data_cfg)
 
 
 # ----------------------------------------------------------------------------- model variables

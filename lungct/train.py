@@ -213,45 +213,6 @@ def _progress(total: int, initial: int, enabled: bool):
 
 # ----------------------------------------------------------------------------- the loop
 
-def data_sources(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """{"train", "validation", "test"} random-access sources of the (built on first use) TFDS dataset."""
-  builder = prepare_dataset(config.data)
-  return {split: builder.as_data_source(split) for split in ("train", "validation", "test")}
-
-
-def dataset_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What the dataset build read, kept and skipped (and why), from its build report; {} if there is none."""
-  from lungct.data import lung_ct
-  try:
-    report = lung_ct.read_build_report(lung_ct.builder_for(config.data))
-  except (OSError, ValueError):
-    return {}
-  return {k: report[k] for k in ("config", "totals", "skip_reasons", "splits") if k in report}
-
-
-def prepare_dataset(data_cfg: ml_collections.ConfigDict):
-  """`lung_ct.prepare` on process 0 only, a barrier, then every process opens the built dataset.
-
-  Several processes building one data_dir at once race on TFDS's final rename (FileExistsError on one, the
-  others then hang in the next collective). A build error on process 0 is raised on every process.
-  """
-  from lungct.data import lung_ct
-  if jax.process_count() == 1:
-    return lung_ct.prepare(data_cfg)
-  from jax.experimental import multihost_utils
-  error = None
-  if jax.process_index() == 0:
-    try:
-      lung_ct.prepare(data_cfg)
-    except Exception as e:  # noqa: BLE001  (raised below, after the others have heard of it)
-      error = e
-  if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))):  # also the barrier
-    if error is not None:
-      raise error
-    raise RuntimeError("building the dataset on process 0 failed (see its output)")
-  return lung_ct.prepare(data_cfg)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources: dict | None = None) -> dict:
   """Trains ``config.task`` per ``config``; writes checkpoints, metrics.jsonl, TensorBoard and metrics.json.
 
@@ -274,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
     raise checkpoint.CheckpointError(
         f"{workdir} already holds checkpoints and config.resume=False: use a new --workdir.")
 
-  sources = sources or data_sources(config)
+  sources = sources or runtime.data_sources(config)
   train_src, val_src = sources["train"], sources["validation"]
   spe = pipeline.steps_per_epoch(len(train_src), tc.batch_size)
   total_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * spe
@@ -305,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
 
   start_step = int(state["step"])
   writer = MetricWriter(workdir, enabled=is_main)
-  dataset = dataset_summary(config)
+  dataset = runtime.dataset_summary(config)
   if is_main and dataset:  # what was skipped stays in sight at every run, not only during the build
     from lungct.data import lung_ct
     print("\n".join(lung_ct.summary_lines(dataset)))

@@ -83,15 +83,15 @@ class CountingSource:
 def child(main_args: list[str]) -> None:
   reads_dir = os.environ.get("LUNGCT_READS_DIR")
   if reads_dir:
-    from lungct import train
+    from lungct import runtime
     reads: list[int] = []
-    original = train.data_sources
+    original = runtime.data_sources
 
     def counting_sources(config):
       sources = original(config)
       return {**sources, "train": CountingSource(sources["train"], reads)}
 
-    train.data_sources = counting_sources
+    runtime.data_sources = counting_sources
 
     def dump():
       pid = os.environ.get("JAX_PROCESS_ID", "0")
