@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lungct import config_check, evaluate, predict, report, runtime, tasks, train
-from lungct.data import nifti, phantom
+from lungct.data import phantom
 from tests.helpers import tiny_config
 
 
@@ -46,7 +46,7 @@ def test_eval_writes_metrics_with_cis_and_predictions(trained):
 def test_predict_scans_and_skips_bad_files(trained, tmp_path):
   c, workdir = trained
   ph = phantom.make_phantom(3, 2, shape_xyz=(64, 64, 48))
-  good = phantom.write_phantom_nifti(ph, str(tmp_path / "scans" / "a" / "good.nii.gz"))
+  phantom.write_phantom_nifti(ph, str(tmp_path / "scans" / "a" / "good.nii.gz"))
   phantom.write_phantom_nifti(ph, str(tmp_path / "scans" / "b" / "good.nii.gz"))  # same base name elsewhere
   (tmp_path / "scans" / "broken.nii.gz").write_bytes(b"not a nifti file")
   c = c.copy_and_resolve_references()

@@ -16,7 +16,6 @@ from flax import nnx
 
 from lungct.models import common
 from lungct.models.cnn3d import CNN3D
-from lungct.models.resnet3d import ResNet3D
 from lungct.ops import onednn_conv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
