@@ -424,7 +424,7 @@ print(f"train loss: first logged {train_loss[0]:.3f}, last logged {train_loss[-1
 predictor = runtime.restore_for_inference(config, WORK, num_outputs=tasks.num_outputs)
 v = predictor.variables
 apply = classify.make_apply(v.graphdef, predictor.mesh, predictor.config)
-sources = train.data_sources(predictor.config)
+sources = runtime.data_sources(predictor.config)
 val_pred = classify.predict_split(apply, v, predictor.mesh, sources["validation"], predictor.config)
 stale = runtime.Variables(v.graphdef, v.params, runtime.init_variables(predictor.config, 1).batch_stats)
 stale_pred = classify.predict_split(apply, stale, predictor.mesh, sources["validation"], predictor.config)
