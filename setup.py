@@ -33,7 +33,9 @@ setup(
         "onednn-devel-cpu-gomp==2023.2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.4"],
+        # Apache Beam is in "test" so the DirectRunner build test runs in CI (tests/test_beam_build.py).
+        "test": ["pytest>=8", "scikit-learn>=1.4", "apache-beam>=2.60"],
+        "beam": ["apache-beam>=2.60"],   # data.beam_options: build datasets on Beam (Dataflow, Spark, Flink)
         "bench": ["torch==2.13.0"],
     },
 )

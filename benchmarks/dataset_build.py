@@ -5,6 +5,9 @@ with `lungct.data.lung_ct.prepare` in a child process and reads the child's peak
 (`ru_maxrss`) back, so the number is the build's alone.
 
     python benchmarks/dataset_build.py --num 24 --workdir /tmp/lungct_bench
+    # also on Apache Beam (pip install 'lungct[beam]'), same scans, printed as a ratio to the thread pool:
+    python benchmarks/dataset_build.py --num 24 --beam \
+        "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
 """
 from __future__ import annotations
 
@@ -41,18 +44,19 @@ def write_phantom_folder(root: str, num: int, shape_xyz=(256, 256, 64), spacing=
   return scans, csv_path
 
 
-def data_config(scans: str, csv_path: str, data_dir: str, shape=(64, 128, 128)):
+def data_config(scans: str, csv_path: str, data_dir: str, shape=(64, 128, 128), beam_options: str = ""):
   from configs import default
   d = default.get_data_config()
   d.source, d.manual_dir, d.labels_csv, d.data_dir = "folder", scans, csv_path, data_dir
   d.shape = tuple(shape)
+  d.beam_options = beam_options
   return d
 
 
 def _child(args) -> None:
   """Builds the dataset in this (fresh) process and prints one JSON line."""
   from lungct.data import lung_ct
-  cfg = data_config(args.scans, args.csv, args.data_dir, args.shape)
+  cfg = data_config(args.scans, args.csv, args.data_dir, args.shape, args.beam)
   t = time.perf_counter()
   builder = lung_ct.prepare(cfg)
   dt = time.perf_counter() - t
@@ -60,10 +64,10 @@ def _child(args) -> None:
   print(json.dumps({"seconds": dt, "volumes": n, "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def build_in_child(scans: str, csv_path: str, data_dir: str, shape) -> dict:
+def build_in_child(scans: str, csv_path: str, data_dir: str, shape, beam_options: str = "") -> dict:
   """Runs the build in a subprocess; returns its seconds, volume count and peak RSS (MiB)."""
   cmd = [sys.executable, os.path.abspath(__file__), "--child", "--scans", scans, "--csv", csv_path,
-         "--data-dir", data_dir, "--shape", *map(str, shape)]
+         "--data-dir", data_dir, "--shape", *map(str, shape), "--beam", beam_options]
   out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -75,6 +79,7 @@ def main(argv=None) -> dict:
   p.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128), metavar=("D", "H", "W"))
   p.add_argument("--workdir", default="/tmp/lungct_bench")
   p.add_argument("--json", default="")
+  p.add_argument("--beam", default="", help="also build on Apache Beam with these pipeline options")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--scans", help=argparse.SUPPRESS)
   p.add_argument("--csv", help=argparse.SUPPRESS)
@@ -93,6 +98,12 @@ def main(argv=None) -> dict:
          "volumes_per_s": r["volumes"] / r["seconds"], "peak_rss_mb": r["ru_maxrss_mb"], "cpus": os.cpu_count()}
   print(f"Dataset build: {r['volumes']} NIfTI scans {tuple(args.phantom_shape)} -> {tuple(args.shape)} "
         f"in {r['seconds']:.1f} s = {out['volumes_per_s']:.2f} volumes/s; peak RSS {r['ru_maxrss_mb']:.0f} MiB")
+  if args.beam:
+    b = build_in_child(scans, csv_path, data_dir + "_beam", tuple(args.shape), args.beam)
+    out.update({"beam_options": args.beam, "beam_build_s": b["seconds"], "beam_volumes": b["volumes"],
+                "beam_over_threads": b["seconds"] / r["seconds"]})
+    print(f"Beam build ({args.beam}): {b['volumes']} volumes in {b['seconds']:.1f} s; "
+          f"Beam / thread pool time = {b['seconds'] / r['seconds']:.2f}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=2)

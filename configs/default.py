@@ -33,6 +33,8 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.split_fractions = (0.7, 0.15, 0.15)  # train / validation / test, by patient (medmnist keeps its own)
   d.split_seed = 0
   d.on_bad_scan = "skip"          # skip | fail
+  d.build_workers = 0             # threads preprocessing scans during a build (0: one per CPU)
+  d.beam_options = ""             # build on Apache Beam instead: pipeline args, e.g. "--runner=DirectRunner"
   d.label = "binary"              # binary (normal vs abnormal) | grade (severity CT-0..CT-4)
   d.num_classes = 5               # label=grade: number of severity grades
   return d

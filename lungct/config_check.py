@@ -19,7 +19,8 @@ EXECUTION_KEYS = (
     "train.num_epochs", "train.num_steps", "train.log_every_steps", "train.eval_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.progress_bar",
     "train.early_stopping_patience", "train.on_nan", "resume", "init_from", "loader", "mesh",
-    "data.data_dir", "data.manual_dir", "data.labels_csv", "data.build_workers", "data.on_bad_scan",
+    "data.data_dir", "data.manual_dir", "data.labels_csv", "data.build_workers", "data.beam_options",
+    "data.on_bad_scan",
     "eval", "predict", "cv", "report",
     # Same numbers, different execution, or evaluation-only settings:
     "model.conv_impl", "model.remat", "segment.num_overlays", "segment.sw_batch_size", "segment.overlap",

@@ -6,11 +6,12 @@ DICOM series + labels CSV, MosMedData, a MedMNIST 3D .npz.
 
 Configs are made from the data config (`builder_for`); the config name encodes every
 field that changes the written data, so two geometries never share a cache. Builds
-need neither TensorFlow nor Beam: `download_and_prepare(file_format="array_record")`
-runs TFDS's plain-Python writer, and `as_data_source(split)` reads the records back.
+need no TensorFlow: `download_and_prepare(file_format="array_record")` runs TFDS's
+plain-Python writer, and `as_data_source(split)` reads the records back. With
+`data.beam_options` set, both stages below run on Apache Beam (`lungct.data.beam_build`).
 
-A build reads every study first (in parallel threads, spilling each preprocessed
-example to a scratch file), skips the bad ones (`ScanError`; data.on_bad_scan="skip",
+A build reads every study first (in parallel threads or Beam workers, spilling each
+preprocessed example to a scratch file), skips the bad ones (`ScanError`; data.on_bad_scan="skip",
 or stops on the first with "fail"), and only then splits the kept studies by patient,
 so validation and test keep both classes whatever was skipped. `build_report.json`
 (read with `read_build_report`) counts read / kept / skipped studies, the reasons, and
@@ -23,6 +24,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -36,6 +38,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lungct.data import beam_build
 from lungct.data import preprocess
 from lungct.data import sources
 from lungct.data.errors import DataError, ScanError
@@ -53,7 +56,7 @@ MAX_SKIP_LINES = 10
 # of the output, label interpretation); every other key goes into the config name's hash.
 _NOT_DATA_KEYS = frozenset(
     {"data_dir", "num_threads", "prefetch", "augment", "label", "num_classes", "on_bad_scan",
-     "build_workers"})
+     "build_workers", "beam_options"})
 _SOURCE_KEYS = {
     "synthetic": {"num_scans", "phantom_seed", "phantom_shape"},
     "nodules": {"num_scans", "phantom_seed"},
@@ -257,8 +260,10 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, data_dir: str | None = None,
     sources.list_items(data_config(builder.builder_config))  # Raises DataError before any file exists.
     if verbose:
       print(f"lung_ct: building {builder.builder_config.name} in {builder.data_dir}")
+    beam_args = data_cfg.get("beam_options", "")
     download_config = tfds.download.DownloadConfig(
-        manual_dir=builder.builder_config.manual_dir or None)
+        manual_dir=builder.builder_config.manual_dir or None,
+        beam_options=beam_build.pipeline_options(beam_args) if beam_args else None)
     builder.download_and_prepare(file_format="array_record", download_config=download_config)
   elif verbose:
     print(f"lung_ct: using {builder.builder_config.name} ({builder.data_dir})")
@@ -413,6 +418,11 @@ def reason_kind(reason: str) -> str:
   return re.sub(r"\d+(\.\d+)?", "N", head).strip() or reason[:60]
 
 
+def _spill(item: Item, path: epath.Path, data_cfg: ml_collections.ConfigDict) -> None:
+  """Preprocesses one study into a scratch file (raises ScanError for a bad scan)."""
+  _save_npz(path, make_example(item, data_cfg))
+
+
 def _save_npz(path: epath.Path, example: Mapping[str, Any]) -> None:
   buf = io.BytesIO()
   np.savez(buf, **{k: np.asarray(v) for k, v in example.items()})
@@ -486,16 +496,19 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
     scratch = epath.Path(self.data_dir) / "_scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     self._scratch = scratch
-    workers = cfg.build_workers or multiprocessing.cpu_count()
-    order = {it.study_id: i for i, it in enumerate(items)}
+    spill = functools.partial(_spill, data_cfg=data_cfg)
+    self._beam_options = data_cfg.get("beam_options", "")
+    if self._beam_options:  # Preprocess on Beam's workers (lungct.data.beam_build).
+      outcomes = beam_build.map_items(spill, items, scratch, self._beam_options)
+    else:
+      paths = {it.study_id: scratch / f"{i:06d}.npz" for i, it in enumerate(items)}
 
-    def spill(item):
-      path = scratch / f"{order[item.study_id]:06d}.npz"
-      _save_npz(path, make_example(item, data_cfg))
-      return path
-
+      def spill_here(item):
+        spill(item, paths[item.study_id])
+        return paths[item.study_id]
+      outcomes = _ordered_map(spill_here, items, cfg.build_workers or multiprocessing.cpu_count())
     kept, skipped = [], []
-    for item, path, error in _ordered_map(spill, items, workers):
+    for item, path, error in outcomes:
       if error is not None:
         if cfg.on_bad_scan == "fail":
           raise error
@@ -532,6 +545,11 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(entries) for split, entries in per_split.items()}
 
   def _generate_examples(self, entries: Sequence[tuple[Item, epath.Path]]):
+    if self._beam_options:  # TFDS writes the split with its BeamWriter.
+      return beam_build.read_examples([(it.study_id, p) for it, p in entries], _load_npz)
+    return self._examples_here(entries)
+
+  def _examples_here(self, entries: Sequence[tuple[Item, epath.Path]]):
     for item, path in entries:
       example = _load_npz(path)
       path.unlink()
