@@ -371,7 +371,7 @@ layer_table(models.create_model(config.model, num_outputs=1, rngs=nnx.Rngs(0)), 
 # %% [markdown]
 # A **3D ResNet-18** (MedicalNet style: 7×7×7 stem, four stages of residual blocks, projection shortcuts) is
 # `model_config("resnet3d", depth=18)`; `configs/resnet18.py` trains it. Residual connections let much deeper
-# networks train; the price is 25x the parameters of the tutorial CNN at width 64.
+# networks train; the price is 24.5x the parameters of the tutorial CNN at width 64.
 
 # %%
 resnet = models.create_model(models.model_config("resnet3d", depth=18), num_outputs=1, rngs=nnx.Rngs(0))

@@ -40,6 +40,7 @@ def start(main_args: list[str], *, processes: int, devices_per_process: int, log
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     if processes > 1:
+      env.pop("JAX_COMPILATION_CACHE_DIR", None)  # Its writes take no lock: never two writers at once.
       env.update(LUNGCT_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                  JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
     if reads_dir:
