@@ -55,7 +55,7 @@ def main(argv=None):
   import optax
   from flax import nnx
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from lungct.models import ResNet3D, UNet3D
+  from lungct.models import ResNet3D, UNet3D, numpy_variables
 
   shape = tuple(int(s) for s in args.shape.split(","))
   dtype = jnp.dtype(args.dtype)
@@ -72,14 +72,8 @@ def main(argv=None):
   for name in args.models.split(","):
     # Shapes from eval_shape, values from numpy: nothing here depends on the initialiser, and compiling the
     # models' random initialisers costs tens of seconds on a CPU.
-    graphdef, params, stats = nnx.split(nnx.eval_shape(lambda: build(name)), nnx.Param, nnx.BatchStat)
     rng = np.random.default_rng(0)
-    def init(path, leaf):
-      key = str(path[-1])
-      if "kernel" in key:
-        return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))).astype(np.float32)
-      return np.full(leaf.shape, 1.0 if ("scale" in key or "var" in key) else 0.0, np.float32)
-    params, stats = (jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(v)) for v in (params, stats))
+    graphdef, params, stats = numpy_variables(lambda: build(name), rng)
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
     images = rng.standard_normal((args.batch, *shape, 1)).astype(np.float32)
     labels = ((images > 1.0).astype(np.float32) if name == "unet3d"

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from lungct import sharding
-    from lungct.models import CNN3D, ResNet3D, UNet3D
+    from lungct.models import CNN3D, ResNet3D, UNet3D, numpy_variables
     assert jax.device_count() == 8, jax.devices()
     LR = 0.1
 
@@ -38,14 +38,8 @@ SCRIPT = textwrap.dedent("""
 
       # Shapes only, values from numpy (He-normal kernels, BN scale/var 1, the rest 0): compiling the models' own
       # random initialisers takes ~30 s of CPU per model here, for nothing this test needs.
-      graphdef, params, stats = nnx.split(nnx.eval_shape(build), nnx.Param, nnx.BatchStat)
       rng = np.random.default_rng(0)
-      def init(path, leaf):
-        name = str(path[-1])
-        if "kernel" in name:
-          return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))).astype(np.float32)
-        return np.full(leaf.shape, 1.0 if ("scale" in name or "var" in name) else 0.0, np.float32)
-      params, stats = (jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(v)) for v in (params, stats))
+      graphdef, params, stats = numpy_variables(build, rng)
       images = rng.standard_normal(shape, dtype=np.float32)
       if name == "unet3d":
         labels = (images[..., 0] > 0.5).astype(np.float32)[..., None]

@@ -3,12 +3,12 @@
 Set `data.beam_options` to Beam pipeline arguments, e.g. "--runner=DirectRunner
 --direct_num_workers=2 --direct_running_mode=multi_processing" on one machine, or
 "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp" on a cluster
-(with data.data_dir on storage every worker reaches, e.g. gs://B/tfds). Empty (default):
+(scans and data.data_dir on a filesystem every worker mounts). Empty (default):
 the build runs on this machine's threads and Beam is not imported.
 
 A Beam build has the two stages of the thread-pool build, each on the workers:
-1. `map_items`: read and preprocess every study (the costly part) into a scratch file
-   per study: `<index>.npz`, or `<index>.skip.json` (file, reason) for a bad scan. The
+1. `map_items`: read and preprocess every study (the costly part) into its scratch file
+   (`<i>.npz`, named by the builder), or `<i>.skip.json` (file, reason) for a bad scan. The
    launching machine then reads only the small outcomes, skips, splits by patient and
    counts, exactly as the thread-pool build does.
 2. `read_examples`: a PTransform reading the kept examples back, handed to TFDS, whose
@@ -51,23 +51,22 @@ def pipeline_options(args: str):
   return options
 
 
-def _outcome_paths(scratch: epath.Path, index: int) -> tuple[epath.Path, epath.Path]:
-  return scratch / f"{index:06d}.npz", scratch / f"{index:06d}.skip.json"
+def _skip_path(path: epath.Path) -> epath.Path:
+  return path.with_suffix(".skip.json")
 
 
-def _spill_one(indexed: tuple[int, Any], spill: Callable[[Any, epath.Path], None], scratch: str) -> None:
-  index, item = indexed
-  ok, skip = _outcome_paths(epath.Path(scratch), index)
+def _spill_one(item_and_path: tuple[Any, str], spill: Callable[[Any, epath.Path], None]) -> None:
+  item, path = item_and_path[0], epath.Path(item_and_path[1])
   try:
-    spill(item, ok)
+    spill(item, path)
   except ScanError as e:
-    skip.write_text(json.dumps({"file": e.path, "reason": e.reason}))
+    _skip_path(path).write_text(json.dumps({"file": e.path, "reason": e.reason}))
 
 
-def map_items(spill: Callable[[Any, epath.Path], None], items: Sequence[Any], scratch: epath.Path,
+def map_items(spill: Callable[[Any, epath.Path], None], items: Sequence[Any], paths: Sequence[epath.Path],
               args: str) -> Iterator[tuple[Any, epath.Path | None, ScanError | None]]:
-  """Runs `spill(item, path)` for every item on Beam; yields (item, path, None) for a kept
-  study and (item, None, ScanError) for a skipped one, in the order of `items`.
+  """Runs `spill(item, path)` for every (item, path) on Beam; yields (item, path, None) for
+  a kept study and (item, None, ScanError) for a skipped one, in the order of `items`.
 
   `spill` writes the preprocessed example to `path` or raises ScanError; any other
   error fails the pipeline (and the build). Runs to completion before the first yield.
@@ -75,18 +74,17 @@ def map_items(spill: Callable[[Any, epath.Path], None], items: Sequence[Any], sc
   beam = _beam()
   with beam.Pipeline(options=pipeline_options(args)) as p:
     _ = (p
-         | "Studies" >> beam.Create(list(enumerate(items)))
+         | "Studies" >> beam.Create([(item, str(path)) for item, path in zip(items, paths)])
          | "Reshuffle" >> beam.Reshuffle()  # Spread the studies over workers.
-         | "Preprocess" >> beam.Map(_spill_one, spill=spill, scratch=str(scratch)))
-  for index, item in enumerate(items):
-    ok, skip = _outcome_paths(scratch, index)
-    if ok.exists():
-      yield item, ok, None
-    elif skip.exists():
-      note = json.loads(skip.read_text())
+         | "Preprocess" >> beam.Map(_spill_one, spill=spill))
+  for item, path in zip(items, paths):
+    if path.exists():
+      yield item, path, None
+    elif _skip_path(path).exists():
+      note = json.loads(_skip_path(path).read_text())
       yield item, None, ScanError(note["file"], note["reason"])
     else:  # A runner that lost an output without failing: never drop a study silently.
-      raise DataError(f"lung_ct: the Beam build left no outcome for study {item.study_id} in {scratch}")
+      raise DataError(f"lung_ct: the Beam build left no outcome for study {item.study_id} ({path})")
 
 
 def read_examples(entries: Sequence[tuple[str, epath.Path]], load: Callable[[epath.Path], dict]):

@@ -497,15 +497,16 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
     scratch.mkdir(parents=True, exist_ok=True)
     self._scratch = scratch
     spill = functools.partial(_spill, data_cfg=data_cfg)
-    self._beam_options = data_cfg.get("beam_options", "")
-    if self._beam_options:  # Preprocess on Beam's workers (lungct.data.beam_build).
-      outcomes = beam_build.map_items(spill, items, scratch, self._beam_options)
+    paths = [scratch / f"{i:06d}.npz" for i in range(len(items))]
+    beam_args = data_cfg.get("beam_options", "")
+    if beam_args:  # Preprocess on Beam's workers (lungct.data.beam_build).
+      outcomes = beam_build.map_items(spill, items, paths, beam_args)
     else:
-      paths = {it.study_id: scratch / f"{i:06d}.npz" for i, it in enumerate(items)}
+      path_of = {it.study_id: p for it, p in zip(items, paths)}
 
       def spill_here(item):
-        spill(item, paths[item.study_id])
-        return paths[item.study_id]
+        spill(item, path_of[item.study_id])
+        return path_of[item.study_id]
       outcomes = _ordered_map(spill_here, items, cfg.build_workers or multiprocessing.cpu_count())
     kept, skipped = [], []
     for item, path, error in outcomes:
@@ -542,14 +543,12 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
             collections.Counter(it.label for it, _ in v).items())}} for s, v in per_split.items()},
         "skipped": skipped,
     }
+    if beam_args:  # TFDS writes each split with its BeamWriter.
+      return {split: beam_build.read_examples([(it.study_id, p) for it, p in entries], _load_npz)
+              for split, entries in per_split.items()}
     return {split: self._generate_examples(entries) for split, entries in per_split.items()}
 
   def _generate_examples(self, entries: Sequence[tuple[Item, epath.Path]]):
-    if self._beam_options:  # TFDS writes the split with its BeamWriter.
-      return beam_build.read_examples([(it.study_id, p) for it, p in entries], _load_npz)
-    return self._examples_here(entries)
-
-  def _examples_here(self, entries: Sequence[tuple[Item, epath.Path]]):
     for item, path in entries:
       example = _load_npz(path)
       path.unlink()
