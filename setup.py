@@ -36,6 +36,6 @@ setup(
         # Apache Beam is in "test" so the DirectRunner build test runs in CI (tests/test_beam_build.py).
         "test": ["pytest>=8", "scikit-learn>=1.4", "apache-beam>=2.60"],
         "beam": ["apache-beam>=2.60"],   # data.beam_options: build datasets on Beam (Dataflow, Spark, Flink)
-        "bench": ["torch==2.13.0"],
+        "bench": ["torch==2.13.0", "monai==1.6.1"],
     },
 )

@@ -53,14 +53,16 @@ class _BasicBlock(nn.Module):
 
 
 class TorchResNet3D(nn.Module):
-  """3D ResNet-10/18/34 as in lungct: 7^3 stem (stride (1,2,2)), max-pool 3/2, 4 stages, GAP, head."""
+  """3D ResNet-10/18/34 as in lungct: 7^3 stem (stride (1,2,2)), max-pool 3/2, 4 stages, GAP, head.
+
+  The nodule recipe (configs/nodule.py) uses stem_kernel=3, stem_stride=1, stem_pool=False."""
 
   def __init__(self, num_outputs: int = 1, depth: int = 18, width: int = 64, dropout: float = 0.0,
-               in_channels: int = 1, stem_stride=(1, 2, 2)):
+               in_channels: int = 1, stem_stride=(1, 2, 2), stem_kernel: int = 7, stem_pool: bool = True):
     super().__init__()
     counts = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}[depth]
-    self.stem = nn.Sequential(_conv(in_channels, width, 7, stem_stride), nn.BatchNorm3d(width),
-                              nn.ReLU(inplace=True), nn.MaxPool3d(3, 2, 1))
+    self.stem = nn.Sequential(_conv(in_channels, width, stem_kernel, stem_stride), nn.BatchNorm3d(width),
+                              nn.ReLU(inplace=True), *([nn.MaxPool3d(3, 2, 1)] if stem_pool else []))
     blocks, in_f = [], width
     for stage, count in enumerate(counts):
       planes = width * 2 ** stage
@@ -77,9 +79,11 @@ class TorchResNet3D(nn.Module):
 
 
 def create(model: str, **kwargs) -> nn.Module:
-  """'cnn3d' | 'resnet18' -> the PyTorch twin (1 output: binary logits)."""
+  """'cnn3d' | 'resnet18' | 'nodule' (configs/nodule.py's ResNet-10) -> the PyTorch twin (1 output: binary logits)."""
   if model == "cnn3d":
     return TorchCNN3D(**kwargs)
   if model == "resnet18":
     return TorchResNet3D(depth=18, **kwargs)
+  if model == "nodule":
+    return TorchResNet3D(depth=10, width=8, dropout=0.2, stem_stride=1, stem_kernel=3, stem_pool=False, **kwargs)
   raise ValueError(f"unknown model {model!r}")
