@@ -87,12 +87,18 @@ def train_step(model, opt, sched, images: torch.Tensor, labels: torch.Tensor) ->
   return float(loss.detach())
 
 
+def plain(x) -> torch.Tensor:
+  """A collated MetaTensor as a plain tensor: every op on a MetaTensor goes through its __torch_function__
+  (here ~1.5-2x the step time), and the model needs no metadata."""
+  return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
 @torch.no_grad()
 def predict(model, loader) -> tuple[np.ndarray, np.ndarray]:
   model.eval()
   probs, labels = [], []
   for batch in loader:
-    probs.append(torch.sigmoid(model(batch["image"])[:, 0]).numpy())
+    probs.append(torch.sigmoid(model(plain(batch["image"]))[:, 0]).numpy())
     labels.append(batch["label"].numpy())
   return np.concatenate(probs), np.concatenate(labels)
 
@@ -141,7 +147,7 @@ def main(argv=None) -> dict:
   steps = 0
   for epoch in range(args.epochs):
     for batch in train_loader:
-      train_step(model, opt, sched, batch["image"], batch["label"].float())
+      train_step(model, opt, sched, plain(batch["image"]), batch["label"].float())
       steps += 1
     val = auc(*predict(model, eval_loader["validation"]))
     history.append(val)

@@ -218,3 +218,75 @@ def set_bn_momentum(model: nnx.Module, momentum: float) -> nnx.Module:
     if isinstance(module, nnx.BatchNorm):
       module.momentum = momentum
   return model
+
+
+# ----------------------------------------------------------------------------- batch normalisation
+
+def _bn_stats(xf: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """Per-feature mean and (biased) variance, E[x^2] - E[x]^2 clipped at 0 as flax's fast variance."""
+  mean = jnp.mean(xf, axes)
+  var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axes) - jnp.square(mean))
+  return mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Any
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode batch norm over every axis but the last: (y in `dtype`, batch mean, batch variance).
+
+  The same values as `nnx.BatchNorm` (statistics and arithmetic in float32), with the gradient written out:
+  dx = scale / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)), so the backward pass is one reduction and
+  one elementwise pass over the activation, and only x is kept for it (XLA's own derivative of the
+  normalisation kept x - mean as well and made more passes: ~1/3 of the nodule recipe's step on CPU).
+  """
+  return _bn_fwd(x, scale, bias, epsilon, dtype)[0]
+
+
+def _bn_fwd(x, scale, bias, epsilon, dtype):
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  mean, var = _bn_stats(xf, axes)
+  inv = jax.lax.rsqrt(var + epsilon)
+  mul = inv * scale.astype(jnp.float32)
+  y = ((xf - mean) * mul + bias.astype(jnp.float32)).astype(dtype)
+  return (y, mean, var), (x, mean, inv, scale)
+
+
+def _bn_bwd(epsilon, dtype, res, cotangents):
+  x, mean, inv, scale = res
+  g, g_mean, g_var = cotangents
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  xf = x.astype(jnp.float32)
+  g = g.astype(jnp.float32)
+  x_hat = (xf - mean) * inv
+  d_bias = jnp.sum(g, axes)
+  d_scale = jnp.sum(g * x_hat, axes)
+  sf = scale.astype(jnp.float32)
+  dx = (sf * inv) * (g - d_bias / n - x_hat * (d_scale / n))
+  # The batch statistics' own cotangents (zero when they only feed the running averages).
+  dx = dx + g_mean / n + g_var * (2.0 / n) * (xf - mean)
+  return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` (same parameters, statistics, momentum and outputs) whose training-mode normalisation over
+  every axis but the last is `batch_norm_train`, with its gradient written out. Any other use (running
+  averages, masks, a named axis, other feature axes, no scale or bias) is `nnx.BatchNorm`'s own."""
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    ura = self.use_running_average if use_running_average is None else use_running_average
+    axes = tuple(self.axis) if isinstance(self.axis, (tuple, list)) else (self.axis,)
+    plain = (ura is None or ura or mask is not None or self.axis_name is not None or self.scale is None
+             or self.bias is None or tuple(a % x.ndim for a in axes) != (x.ndim - 1,) or not self.use_fast_variance)
+    if plain:
+      return super().__call__(x, use_running_average, mask=mask)
+    dtype = self.dtype or jnp.result_type(x, self.scale[...], self.bias[...])
+    y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon, jnp.dtype(dtype))
+    mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+    self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
+    self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
+    return y

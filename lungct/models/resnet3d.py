@@ -42,8 +42,8 @@ def _conv(in_f: int, out_f: int, k: int, stride: int | Sequence[int], *,
 
 
 def _bn(features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                       param_dtype=common.PARAM_DTYPE, rngs=rngs)
+  return common.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                          param_dtype=common.PARAM_DTYPE, rngs=rngs)
 
 
 class Shortcut(nnx.Module):
