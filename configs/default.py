@@ -115,6 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""            # --mode=predict: a .nii/.nii.gz file or a folder of them
   c.predict.threshold = -1.0      # < 0: Youden threshold from --mode=eval if present, else 0.5
+  c.predict.lesions = ""          # CSV filename,mask or filename,x,y,z[,coords]: each scan's lesion, needed by
+                                  # models trained on crops centred on the mask (data.crop_center="mask")
 
   c.cv = ml_collections.ConfigDict()
   c.cv.folds = 5                  # --mode=cv: k, over train+validation, grouped by patient, stratified by label

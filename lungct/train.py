@@ -231,6 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   # Resume: the saved config is compared before anything is built or any array is read.
   latest, best = checkpoint.managers(workdir, keep=tc.keep_checkpoints, best_metric=f"val_{task.BEST_METRIC}")
   config_json = runtime.saved_config_json(config)
+  dataset_id = runtime.dataset_identity(config)  # lists the data (no volume read); resume compares it
   if not config.resume and latest.latest_step() is not None:
     raise checkpoint.CheckpointError(
         f"{workdir} already holds checkpoints and config.resume=False: use a new --workdir.")
@@ -249,8 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
 
   book = {"best": None, "best_step": -1, "evals_without_improvement": 0}
   if config.resume:
-    restored = checkpoint.restore(latest, state, check_meta=lambda m: config_check.same_run(
-        m.get("config", {}), config_json, workdir))
+    restored = checkpoint.restore(latest, state, check_meta=lambda m: (
+        config_check.same_run(m.get("config", {}), config_json, workdir),
+        config_check.same_dataset(m, dataset_id, config_json, workdir)))
     if restored is not None:
       state, meta = restored
       book.update(meta.get("bookkeeping", {}))
@@ -336,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
           progress.write(f"step {step}: " + "  ".join(
               f"val {k} {val[k]:.4f}" for k in _headline(val, task.BEST_METRIC)) + (" *" if improved else ""))
       if will_save:
-        meta = {"config": config_json, "bookkeeping": book}
+        meta = {"config": config_json, "bookkeeping": book, "dataset": dataset_id}
         checkpoint.save(latest, step, state, meta)
         if val is not None and book["best_step"] == step:  # only an improvement replaces the best
           checkpoint.save(best, step, state, meta, metrics={f"val_{task.BEST_METRIC}": book["best"]})

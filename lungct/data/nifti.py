@@ -57,7 +57,7 @@ class Scan:
 
 
 def validate_volume(volume: np.ndarray, spacing: Sequence[float],
-                    path: str | os.PathLike = "<array>") -> None:
+                    path: str | os.PathLike = "<array>", *, hu: bool = True) -> None:
   """Raises ScanError unless `volume` (x, y, z) HU and `spacing` can be CT.
 
   Checks: 3 dimensions with >= 1 voxel each, real-valued, finite spacing in
@@ -65,6 +65,8 @@ def validate_volume(volume: np.ndarray, spacing: Sequence[float],
   below HU_NEEDS_BELOW (0 HU), not every voxel within +-NORMALISED_WITHIN, at most
   MAX_FRACTION_ABOVE_TOP of the voxels above HU_TOP. A tight crop of lung with no soft
   tissue (max -506 HU) or of air with noise is CT and passes.
+  hu=False (a volume for a model trained on MedMNIST's scaled intensities): instead of
+  the HU rules, values must lie in [0, 255] (uint8-like) or [0, 1].
   """
   volume = np.asarray(volume)
   spacing = np.asarray(spacing, dtype=np.float64)
@@ -86,6 +88,11 @@ def validate_volume(volume: np.ndarray, spacing: Sequence[float],
   vmin, vmax = float(volume.min()), float(volume.max())
   if vmin == vmax:
     raise ScanError(path, f"constant volume (every voxel is {vmin:g})")
+  if not hu:
+    if vmin < 0 or vmax > 255:
+      raise ScanError(path, f"intensities [{vmin:g}, {vmax:g}]: the model was trained on volumes already "
+                            "scaled to [0, 1] or 0..255 (MedMNIST), not Hounsfield units")
+    return
   if vmin >= HU_NEEDS_BELOW:
     raise ScanError(path, f"intensities [{vmin:g}, {vmax:g}] do not look like Hounsfield units: no voxel "
                           f"below {HU_NEEDS_BELOW:g} (CT of the chest holds lung, air or fat); raw stored "
@@ -99,8 +106,9 @@ def validate_volume(volume: np.ndarray, spacing: Sequence[float],
                           "not CT Hounsfield units (an MRI or a rescaled image?)")
 
 
-def load_scan(path: str | os.PathLike) -> Scan:
-  """Loads a NIfTI CT scan in canonical RAS orientation, float32 HU.
+def load_scan(path: str | os.PathLike, *, hu: bool = True) -> Scan:
+  """Loads a NIfTI CT scan in canonical RAS orientation, float32 HU (hu=False: values
+  already scaled, checked by `validate_volume(hu=False)`).
 
   Raises:
     ScanError: the file is missing, unreadable, truncated, not 3D, or fails
@@ -133,7 +141,7 @@ def load_scan(path: str | os.PathLike) -> Scan:
   # The voxel size is that of the affine used to reorient (the sform or qform nibabel
   # chose), not the header's pixdim: the two can disagree.
   spacing = spacing_from_affine(img.affine)
-  validate_volume(volume, spacing, path)
+  validate_volume(volume, spacing, path, hu=hu)
   return Scan(volume=volume, spacing=spacing, affine=np.asarray(img.affine, dtype=np.float64),
               path=path)
 

@@ -183,7 +183,7 @@ def resample_to_spacing(vol: np.ndarray, spacing: Sequence[float], target_spacin
   if np.any(target <= 0) or np.any(spacing <= 0):
     raise ValueError(f"spacings must be > 0, got {spacing.tolist()} -> {target.tolist()}")
   n = np.asarray(vol.shape, dtype=np.float64)
-  shape = tuple(int(m) for m in np.maximum(1, np.rint(n * spacing / target)))
+  shape = resampled_shape(vol.shape, spacing, target)
   if shape == vol.shape and np.allclose(spacing, target):
     return vol if order == 0 else vol.astype(np.float32, copy=False)
   step = target / spacing  # Input voxels per output voxel.
@@ -199,6 +199,22 @@ def resample_to_spacing(vol: np.ndarray, spacing: Sequence[float], target_spacin
   out = ndimage.affine_transform(vol, step, offset=offset, output_shape=shape, order=order,
                                  mode="nearest", prefilter=order > 1)
   return out.astype(np.float32, copy=False)
+
+
+def resampled_shape(in_shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+  """The shape `resample_to_spacing` gives: round(n * spacing / target) voxels per axis, at least 1."""
+  n = np.asarray(in_shape, dtype=np.float64)
+  return tuple(int(m) for m in np.maximum(1, np.rint(n * np.asarray(spacing, np.float64) / np.asarray(target, np.float64))))
+
+
+def resampled_point(point: Sequence[float], in_shape: Sequence[int], spacing: Sequence[float],
+                    target: Sequence[float]) -> np.ndarray:
+  """Voxel coordinates `point` of a volume (in_shape, spacing) in the volume `resample_to_spacing` makes
+  at `target` (the inverse of its sampling: input = offset + step * output)."""
+  n = np.asarray(in_shape, dtype=np.float64)
+  step = np.asarray(target, np.float64) / np.asarray(spacing, np.float64)
+  offset = (n - 1) / 2.0 - (np.asarray(resampled_shape(in_shape, spacing, target)) - 1) / 2.0 * step
+  return (np.asarray(point, np.float64) - offset) / step
 
 
 def target_spacing(data_cfg: Any) -> tuple[float, ...]:
@@ -275,7 +291,8 @@ def round_stored(image: np.ndarray) -> np.ndarray:
 
 
 def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cfg: Any,
-                      mask_dhw: np.ndarray | None = None, *, hu: bool = True) -> dict[str, np.ndarray]:
+                      mask_dhw: np.ndarray | None = None, *, hu: bool = True,
+                      center_dhw: Sequence[float] | None = None) -> dict[str, np.ndarray]:
   """One volume (and optional lesion mask) -> the model-facing arrays.
 
   Args:
@@ -285,6 +302,8 @@ def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cf
     mask_dhw: optional label mask (D, H, W), same grid as the volume.
     hu: window data.hu_window to [0, 1] (padding is air, -1000 HU); False: clip to
       [0, 1] (padding is 0).
+    center_dhw: with crop_center="mask" and no (or an empty) mask, the lesion centre in
+      voxel coordinates of `vol_dhw` (predict's data given as a centre, not a mask).
 
   Returns:
     dict(image=float32 data.shape in [0, 1], rounded through STORED_DTYPE;
@@ -299,6 +318,10 @@ def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cf
   if mask is not None and mask.shape != vol.shape:
     raise ValueError(f"mask shape {mask.shape} differs from the volume's {vol.shape}")
   target = target_spacing(data_cfg)
+  if center_dhw is not None:
+    center_dhw = np.asarray(center_dhw, np.float64)
+    if target:
+      center_dhw = resampled_point(center_dhw, vol.shape, spacing, target)
   if target:
     vol = resample_to_spacing(vol, spacing, target, order=1, anti_aliasing=anti_alias)
     if mask is not None:
@@ -310,7 +333,10 @@ def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cf
     vol = resize(vol, shape, order=1, anti_aliasing=anti_alias)
     mask = None if mask is None else resize(mask, shape, order=0)
   else:
-    center = mask_center(mask) if _crop_center(data_cfg) == "mask" else None
+    center = None
+    if _crop_center(data_cfg) == "mask":
+      center = mask_center(mask)
+      center = center_dhw if center is None else center
     starts = crop_starts(vol.shape, shape, center)
     vol = crop_or_pad(vol, shape, starts, pad)
     mask = None if mask is None else crop_or_pad(mask, shape, starts, 0)
@@ -335,8 +361,9 @@ def preprocess_mask(mask_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cfg
 
 
 def preprocess_scan(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None = None,
-                    *, hu: bool = True) -> dict[str, np.ndarray]:
-  """A loaded Scan (and optional lesion mask, (x, y, z)) -> what the dataset stores.
+                    *, hu: bool = True, center_xyz: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+  """A loaded Scan (and optional lesion mask, (x, y, z), or lesion centre in its voxel
+  coordinates (x, y, z)) -> what the dataset stores.
 
   Returns:
     dict(image=float32 (D, H, W) in [0, 1] exactly as stored, mask=uint8
@@ -348,7 +375,7 @@ def preprocess_scan(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None
   check_geometry(vol.shape, spacing, data_cfg, scan.path)
   try:
     out = preprocess_arrays(vol, spacing, data_cfg, None if mask_xyz is None else to_dhw(mask_xyz),
-                            hu=hu)
+                            hu=hu, center_dhw=None if center_xyz is None else np.asarray(center_xyz)[::-1])
   except ScanError:
     raise
   except ValueError as e:
@@ -357,12 +384,20 @@ def preprocess_scan(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None
               orig_shape=np.asarray(vol.shape, dtype=np.int32))
 
 
-def model_input(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None = None) -> np.ndarray:
+def needs_lesion(data_cfg: Any) -> bool:
+  """Whether a scan is prepared around its lesion (fit="crop_or_pad", crop_center="mask"): then a model
+  input needs the lesion's mask or centre, as the training examples had."""
+  return _fit(data_cfg) == "crop_or_pad" and _crop_center(data_cfg) == "mask"
+
+
+def model_input(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None = None, *, hu: bool = True,
+                center_xyz: Sequence[float] | None = None) -> np.ndarray:
   """The float32 (D, H, W, 1) array the model sees for `scan`: the stored example's image.
 
   The dataset builder stores exactly this (its values survive the round trip through
   STORED_DTYPE unchanged) and `--mode=predict` feeds exactly this. With
-  data.crop_center="mask" the crop follows `mask_xyz` when given (training builds
-  pass the lesion mask; without one the crop is centred on the scan).
+  data.crop_center="mask" the crop follows `mask_xyz` (training builds pass the lesion
+  mask) or `center_xyz` (voxel coordinates); predict refuses a scan with neither
+  (`needs_lesion`). hu=False: intensities already in [0, 1] (MedMNIST), no HU window.
   """
-  return preprocess_scan(scan, data_cfg, mask_xyz)["image"][..., None]
+  return preprocess_scan(scan, data_cfg, mask_xyz, hu=hu, center_xyz=center_xyz)["image"][..., None]

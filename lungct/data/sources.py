@@ -368,6 +368,82 @@ class Loaded:
   hu: bool = True
 
 
+def is_hu(data_cfg: Mapping[str, Any]) -> bool:
+  """Whether data_cfg's scans are in Hounsfield units (windowed by data.hu_window); False for MedMNIST,
+  whose volumes are already scaled (`unit_intensities`)."""
+  return data_cfg.get("source", "synthetic") != "medmnist"
+
+
+def unit_intensities(vol: np.ndarray) -> np.ndarray:
+  """An already-scaled volume (MedMNIST: uint8 0..255, or floats in [0, 1]) as float32 in [0, 1]."""
+  vol = np.asarray(vol, dtype=np.float32)
+  return vol / np.float32(255.0 if vol.max(initial=0) > 1.0 else 1.0)
+
+
+def load_for_model(path: str, data_cfg: Mapping[str, Any]) -> nifti.Scan:
+  """A NIfTI file read with the intensities of the data a model was trained on (`is_hu`): HU, or values
+  already scaled to [0, 1] for a MedMNIST-trained model. ScanError if it cannot be used."""
+  if is_hu(data_cfg):
+    return nifti.load_scan(path)
+  scan = nifti.load_scan(path, hu=False)
+  return dataclasses.replace(scan, volume=unit_intensities(scan.volume))
+
+
+LESION_COORDS = ("voxel", "world")
+
+
+def read_lesions(csv_path: str) -> dict[str, dict[str, Any]]:
+  """predict.lesions: where each scan's lesion is, for models trained on mask-centred crops.
+
+  A CSV with a `filename` column (the scan, as listed in predict.input: relative to that folder, or its
+  file name) and either `mask` (a mask NIfTI on the scan's grid, relative to the CSV's folder) or `x,y,z`
+  with `coords` = `voxel` (indices of the file's array, as a viewer shows them) or `world` (RAS mm of the
+  file's affine). Returns {filename: {"mask": path} or {"point": (x, y, z), "coords": ...}}; DataError
+  naming the row for a bad one.
+  """
+  if not os.path.isfile(csv_path):
+    raise DataError(f"lesions CSV {csv_path!r} (config.predict.lesions) not found")
+  columns, rows = _read_csv(csv_path)
+  if "filename" not in columns or not ({"mask"} <= set(columns) or {"x", "y", "z"} <= set(columns)):
+    raise DataError(f"{csv_path}: header must name filename and mask, or filename,x,y,z[,coords]; got {columns}")
+  out = {}
+  for i, r in enumerate(rows):
+    where = f"{csv_path} row {i + 2}"
+    name = os.path.normpath(r["filename"]).replace(os.sep, "/")
+    if name in out:
+      raise DataError(f"{where}: duplicate filename {r['filename']!r}")
+    if r.get("mask", ""):
+      out[name] = {"mask": os.path.join(os.path.dirname(os.path.abspath(csv_path)), r["mask"])}
+      continue
+    coords = r.get("coords", "") or "voxel"
+    if coords not in LESION_COORDS:
+      raise DataError(f"{where}: coords {coords!r} must be one of {LESION_COORDS}")
+    try:
+      point = tuple(float(r[k]) for k in ("x", "y", "z"))
+    except (KeyError, ValueError):
+      raise DataError(f"{where}: neither a mask nor numeric x, y, z") from None
+    out[name] = {"point": point, "coords": coords}
+  return out
+
+
+def lesion_of(scan: nifti.Scan, lesion: Mapping[str, Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """(mask (x, y, z) on the scan's canonical grid or None, centre in its canonical voxel coordinates
+  (x, y, z) or None) for one `read_lesions` entry. ScanError for a mask off the scan's grid."""
+  if "mask" in lesion:
+    return load_mask(lesion["mask"], scan), None
+  point = np.asarray(lesion["point"], np.float64)
+  world = point
+  if lesion["coords"] == "voxel":  # the file's own index order -> world (RAS mm) -> canonical indices
+    world = nib.load(scan.path).affine @ np.append(point, 1.0)
+    world = world[:3]
+  center = (np.linalg.inv(scan.affine) @ np.append(world, 1.0))[:3]
+  shape = np.asarray(scan.volume.shape)
+  if np.any(center < -0.5) or np.any(center > shape - 0.5):
+    raise ScanError(scan.path, f"lesion centre {point.tolist()} ({lesion['coords']}) lies outside the scan "
+                               f"(canonical voxel {np.round(center, 1).tolist()} of shape {shape.tolist()})")
+  return None, center
+
+
 def load_item(item: Item, data_cfg: Mapping[str, Any]) -> Loaded:
   """Reads / generates one study. ScanError if it cannot be used."""
   source = data_cfg.get("source", "synthetic")
@@ -385,9 +461,8 @@ def load_item(item: Item, data_cfg: Mapping[str, Any]) -> Loaded:
     images = _medmnist_images(item.path, split, os.path.getmtime(item.path))
     vol = np.asarray(images[item.index], dtype=np.float32).reshape(images.shape[1:4])
     # MedMNIST volumes are (D, H, W) uint8 0..255 (or floats in [0, 1]) at an assumed 1 mm.
-    scale = 255.0 if vol.max(initial=0) > 1.0 else 1.0
     spacing = float(data_cfg.get("medmnist_spacing", 1.0) or 1.0)
-    vol_xyz = np.transpose(vol / np.float32(scale), (2, 1, 0))
+    vol_xyz = np.transpose(unit_intensities(vol), (2, 1, 0))
     scan = nifti.Scan(volume=vol_xyz, spacing=np.full(3, spacing), affine=np.diag([spacing] * 3 + [1.0]),
                       path=f"{item.path}[{item.study_id}]")
     return Loaded(scan, None, hu=False)

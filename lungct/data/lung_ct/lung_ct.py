@@ -395,6 +395,42 @@ def split_index(builder: "LungCt", split: str) -> list[dict[str, Any]]:
   return _write_index(builder, split)
 
 
+def check_classes(builder: "LungCt", label: str = "binary", num_classes: int = 2) -> list[str]:
+  """Checks the classes a classifier will learn and be scored on, before training starts (no volume read).
+
+  label="grade": every study's grade must be in [0, num_classes) (a CSV without a grade column gives -1,
+  "unknown"): else DataError naming the study, its split and the grade. label="binary": every split
+  must hold both labels (a one-class validation split has no AUC and no threshold to choose): else
+  DataError naming the split. Grades missing from a split are the documented fallback: returned as
+  WARNING lines (that grade's one-vs-rest AUC is undefined there), since a rare grade (MosMedData's
+  CT-4: 2 scans) cannot be in every split.
+  """
+  key, k = ("label", 2) if label == "binary" else ("grade", int(num_classes))
+  name = builder.builder_config.name
+  present = {}
+  for split in SPLITS:
+    index = split_index(builder, split)
+    for e in index:
+      if not 0 <= int(e[key]) < k:
+        what = "unknown (-1: no grade column, or an empty grade)" if int(e[key]) < 0 else f"{e[key]}"
+        raise DataError(f"lung_ct {name}: study {e['study_id']!r} ({split}) has grade {what}; "
+                        f"data.label='grade' needs grades in [0, {k}) (data.num_classes={k})")
+    present[split] = {int(e[key]) for e in index}
+  every = set().union(*present.values())
+  warnings = []
+  for split in SPLITS:
+    missing = sorted(every - present[split])
+    if not missing:
+      continue
+    if key == "label":
+      raise DataError(f"lung_ct {name}: split {split} holds no study with label {missing} (it has "
+                      f"{sorted(present[split])}): its AUC and thresholds are undefined; add scans of that "
+                      f"class (each class needs >= 3 patients), or change data.split_seed / data.split_fractions")
+    warnings.append(f"WARNING: lung_ct split {split} holds no study of grade(s) {missing}: their one-vs-rest "
+                    "AUC is undefined there")
+  return warnings
+
+
 # ----------------------------------------------------------------------------- splits
 
 def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
