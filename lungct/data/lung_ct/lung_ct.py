@@ -220,11 +220,12 @@ def config_name(data_cfg: ml_collections.ConfigDict, files: Mapping[str, Any] | 
   """A TFDS config name unique to everything that changes the data: its identity.
 
   E.g. "synthetic-32x64x64-n160-s0-1a2b3c4d" (source, shape, generated sources' number
-  of scans and seed, 8 hex digits of the canonical settings) and, for sources read from
-  files, "-f" + 8 hex digits of `source_files` (the labels CSV's content, each file's size
-  and modification time; `sources.source_files`): "folder-32x32x32-1a2b3c4d-f5e6f7a8b". Editing the CSV or
-  replacing a scan gives a new name, so a new build; the same settings spelled otherwise
-  ((-1000, 400) or (-1000.0, 400.0), a default set explicitly) give the same name.
+  of scans and seed, 8 hex digits of the canonical settings `_data_fields`) and, for
+  sources read from files, "-f" + 8 hex digits of `sources.source_files` (the labels
+  CSV's content, each file's size and modification time), e.g.
+  "folder-32x32x32-5fea4371-fe11b16b4". Editing the CSV or replacing a scan gives a new
+  name, so a new build; the same settings spelled otherwise ((-1000, 400) or
+  (-1000.0, 400.0), a default set explicitly) and the same files elsewhere give the same name.
   """
   fields = _data_fields(data_cfg)
   digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
