@@ -119,6 +119,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, task_errors: I
     need(0 <= config.model.dropout < 1, "model.dropout", "must be in [0, 1)")
   need(len(config.data.shape) == 3 and all(int(s) > 0 for s in config.data.shape), "data.shape",
        "must be three positive sizes (depth, height, width)")
+  if config.data.label == "grade":
+    need(int(config.data.num_classes) >= 2, "data.num_classes", "label='grade' needs >= 2 classes")
+  need(float(config.data.get("min_extent_mm", 0.0) or 0.0) >= 0, "data.min_extent_mm", "must be >= 0 (0: no floor)")
   lo, hi = config.data.hu_window
   need(lo < hi, "data.hu_window", "low must be below high")
   need(len(config.data.split_fractions) == 3 and abs(sum(config.data.split_fractions) - 1) < 1e-6

@@ -44,10 +44,11 @@ def output_name(path: str, root: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]", "_", rel.replace(os.sep, "__"))
 
 
-def scan_input(path: str, data_cfg, lesion: dict | None = None) -> np.ndarray:
-  """float32 (D, H, W, 1): the model input for the scan at ``path``, prepared as the training data was
-  (``lesion``: its `sources.read_lesions` entry; nifti.ScanError if it cannot be used, or if the model needs a
-  lesion and none is given)."""
+def load_input(path: str, data_cfg, lesion: dict | None = None) -> tuple[nifti.Scan, np.ndarray]:
+  """(the scan, its float32 (D, H, W, 1) model input) for the file at ``path``, prepared as the training data was:
+  intensities as the training source's (`sources.load_for_model`), and for a model trained on crops centred on
+  the lesion mask, the crop centred on ``lesion`` (its `sources.read_lesions` entry). nifti.ScanError if it cannot
+  be used, or if the model needs a lesion and none is given."""
   scan = sources.load_for_model(path, data_cfg)
   mask = center = None
   if preprocess.needs_lesion(data_cfg):
@@ -55,7 +56,12 @@ def scan_input(path: str, data_cfg, lesion: dict | None = None) -> np.ndarray:
       raise nifti.ScanError(path, "no lesion mask or centre for this scan in config.predict.lesions: the model "
                                   "was trained on crops centred on the lesion (data.crop_center='mask')")
     mask, center = sources.lesion_of(scan, lesion)
-  return preprocess.model_input(scan, data_cfg, mask, hu=sources.is_hu(data_cfg), center_xyz=center)
+  return scan, preprocess.model_input(scan, data_cfg, mask, hu=sources.is_hu(data_cfg), center_xyz=center)
+
+
+def scan_input(path: str, data_cfg, lesion: dict | None = None) -> np.ndarray:
+  """float32 (D, H, W, 1): the model input for the scan at ``path`` (`load_input`)."""
+  return load_input(path, data_cfg, lesion)[1]
 
 
 def lesion_key(path: str, root: str) -> str:
