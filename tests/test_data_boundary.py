@@ -230,6 +230,18 @@ def test_8_a_symlink_out_of_manual_dir_is_refused(tmp_path):
     sources.list_folder_items(str(root), "labels.csv")
 
 
+def test_8_a_dicom_slice_linked_from_outside_is_refused(tmp_path):
+  root = tmp_path / "dicom"
+  (root / "s1").mkdir(parents=True)
+  (root / "s1" / "IM0.dcm").write_bytes(b"x")
+  (tmp_path / "elsewhere.dcm").write_bytes(b"y")
+  os.symlink(tmp_path / "elsewhere.dcm", root / "s1" / "IM1.dcm")
+  (root / "labels.csv").write_text("filename,label\ns1,0\n")
+  d = _cfg(tmp_path / "tfds", root, source="dicom")
+  with pytest.raises(DataError, match=r"s1/IM1.dcm: a symbolic link leading outside the data dir"):
+    lung_ct.builder_for(d)  # before anything is read or written
+
+
 # ----------------------------------------------------------------------------- 13: predict input
 
 
