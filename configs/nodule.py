@@ -51,8 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment = default.get_augment_config()
     c.loader = default.get_loader_config()
 
+  # onednn: oneDNN convolutions inside the jitted step (XLA's own 3D convolution made this recipe's step ~30x
+  # slower on CPU, benchmarks/README.md "nodule recipe"); XLA's convolution on GPU/TPU or where oneDNN cannot run.
   c.model = models.model_config("resnet3d", depth=10, width=8, dropout=0.2, stem_stride=(1, 1, 1),
-                                stem_pool=False, stem_kernel=3)
+                                stem_pool=False, stem_kernel=3, conv_impl="onednn")
 
   a = c.augment
   a.enabled = True
