@@ -9,6 +9,10 @@
 #   2. autotuning variant: tutorial CNN, float32, batch 16 with --xla_gpu_autotune_level=0 (vs the default above).
 #   3. profile: tutorial CNN at batch 2 vs 16, both pool variants: device time per kernel (printed), optimized
 #      HLO and Perfetto traces in $OUT/profile.
+#   4. the nodule recipe's train step (configs/nodule.py: ResNet-10 width 8, batch 16 of 32^3, augmentation on;
+#      XLA's convolutions on the GPU) vs its PyTorch twin and the MONAI pipeline on CUDA (MONAI's per-example
+#      transforms on the CPU, as a MONAI user runs them): benchmarks/nodule_step.py --part step (needs torch + monai
+#      for the peers; lungct alone otherwise). Adds up to 100 s of timeout.
 # Needs only JAX/Flax/Optax/Orbax (+ ml_collections, absl); no tensorflow_datasets/grain, no internet.
 #
 #   OUT=/tmp/out bash benchmarks/gpu.sh
@@ -39,6 +43,11 @@ for dtype in float32 bfloat16; do
 done
 XLA_FLAGS="--xla_gpu_autotune_level=0" run "step_float32_b16_autotune0" 70 --model cnn3d --dtype float32 \
   --batch 16 --conv-impl xla,xla:rpool --no-peak --no-flops
+echo "== nodule_step: --part step" | tee -a "$OUT/summary.txt"
+timeout 100 $PY benchmarks/nodule_step.py --part step --steps "$STEPS" --json "$OUT/nodule_step.json" \
+  > "$OUT/nodule_step.log" 2>&1
+echo "   exit $?" >> "$OUT/summary.txt"
+grep -E "^Part|^side|^lungct|^twin|^monai|^load" "$OUT/nodule_step.log" | tee -a "$OUT/summary.txt"
 timeout 100 $PY benchmarks/gpu_profile.py --batches 2 16 --out "$OUT" > "$OUT/profile.log" 2>&1
 grep -v "^W0000\|^I0000" "$OUT/profile.log" | tee -a "$OUT/summary.txt"
 ls -l "$OUT"

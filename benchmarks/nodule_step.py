@@ -128,11 +128,11 @@ def torch_augment(x, gen):
   s = 0.9 + 0.2 * torch.rand(b, generator=gen)
   theta = torch.zeros(b, 3, 4)
   theta[:, 0, 0] = theta[:, 1, 1] = theta[:, 2, 2] = 1.0 / s
-  grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+  grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=True)
   x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
   scale = 1 + (torch.rand(b, 1, 1, 1, 1, generator=gen) * 0.06 - 0.03)
   shift = torch.rand(b, 1, 1, 1, 1, generator=gen) * 0.06 - 0.03
-  return x * scale + shift
+  return x * scale.to(x.device) + shift.to(x.device)
 
 
 def setup_twin(total_steps: int = 180) -> tuple[Callable[[], None], dict]:
@@ -140,16 +140,24 @@ def setup_twin(total_steps: int = 180) -> tuple[Callable[[], None], dict]:
   import monai_nodule
   import torch_models
   torch.manual_seed(0)
-  net = torch_models.create("nodule").train()
+  dev = torch_device()
+  net = torch_models.create("nodule").to(dev).train()
   opt, sched = monai_nodule.make_optimizer(net, total_steps)
   images, labels = host_batch()
   gen = torch.Generator().manual_seed(0)
   holder = {}
 
   def one():
-    x = torch_augment(torch.from_numpy(images).permute(0, 4, 1, 2, 3), gen)  # NDHWC -> NCDHW
-    holder["loss"] = monai_nodule.train_step(net, opt, sched, x, torch.from_numpy(labels).float())
-  return one, {"threads": torch.get_num_threads(), "torch": torch.__version__, "_holder": holder}
+    x = torch.from_numpy(images).permute(0, 4, 1, 2, 3).to(dev)  # NDHWC -> NCDHW
+    holder["loss"] = monai_nodule.train_step(net, opt, sched, torch_augment(x, gen),
+                                             torch.from_numpy(labels).float().to(dev))  # float() synchronises
+  return one, {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(dev),
+               "_holder": holder}
+
+
+def torch_device():
+  import torch
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def setup_monai(total_steps: int = 180) -> tuple[Callable[[], None], dict]:
@@ -158,7 +166,8 @@ def setup_monai(total_steps: int = 180) -> tuple[Callable[[], None], dict]:
   from monai.transforms import Compose
   import monai_nodule
   monai.utils.set_determinism(0)
-  net = monai_nodule.make_model().train()
+  dev = torch_device()
+  net = monai_nodule.make_model().to(dev).train()
   opt, sched = monai_nodule.make_optimizer(net, total_steps)
   images, labels = host_batch()
   cached = [{"image": torch.from_numpy(images[i]).permute(3, 0, 1, 2).contiguous(), "label": float(labels[i])}
@@ -168,14 +177,21 @@ def setup_monai(total_steps: int = 180) -> tuple[Callable[[], None], dict]:
 
   def one():
     items = [rand(dict(c)) for c in cached]
-    x = torch.stack([torch.as_tensor(it["image"]) for it in items])
-    y = torch.tensor([it["label"] for it in items], dtype=torch.float32)
+    x = torch.stack([monai_nodule.plain(it["image"]) for it in items]).to(dev)  # transforms on the CPU
+    y = torch.tensor([it["label"] for it in items], dtype=torch.float32).to(dev)
     holder["loss"] = monai_nodule.train_step(net, opt, sched, x, y)
   return one, {"monai": monai.__version__, "_holder": holder}
 
 
+def matmul_peak() -> float:
+  """The numpy float32 matmul on CPU; a jnp float32 matmul on an accelerator."""
+  import jax
+  return ts.numpy_matmul_peak() if jax.default_backend() == "cpu" else ts.jax_matmul_peak("float32")
+
+
 def part_step(args) -> dict[str, Any]:
-  peak0 = ts.numpy_matmul_peak()
+  import jax
+  peak0 = matmul_peak()
   fns, info = {}, {}
   for impl in args.lungct:
     name = "lungct" if len(args.lungct) == 1 else f"lungct[{impl}]"
@@ -187,8 +203,9 @@ def part_step(args) -> dict[str, Any]:
     print("[nodule_step] torch is not installed: lungct only", file=sys.stderr)
   flops = lungct_flops()
   times = ts.time_interleaved(fns, args.steps, args.warmup)
-  peak = max(peak0, ts.numpy_matmul_peak())
-  out = {"peak_gflops": peak, "flops_per_step": flops, "sides": {}}
+  peak = max(peak0, matmul_peak())
+  out = {"peak_gflops": peak, "flops_per_step": flops, "backend": jax.default_backend(),
+         "device": str(jax.devices()[0].device_kind), "sides": {}}
   for name, t in times.items():
     med = statistics.median(t)
     r = {k: v for k, v in info[name].items() if not k.startswith("_")}
@@ -202,7 +219,8 @@ def part_step(args) -> dict[str, Any]:
 
 
 def print_step(out: dict) -> None:
-  print(f"\nPart 1: configs/nodule.py train step, batch {BATCH}, {SHAPE}x1, float32, augmentation on; "
+  print(f"\nPart 1 ({out['backend']}, {out['device']}): configs/nodule.py train step, batch {BATCH}, {SHAPE}x1, "
+        f"float32, augmentation on; "
         f"{out['flops_per_step'] / 1e9:.1f} GFLOP/step (XLA count); matmul peak {out['peak_gflops']:.1f} GFLOP/s")
   print(f"{'side':<16} {'s/step':>7} {'vol/s':>7} {'GFLOP/s':>8} {'MFU':>6} {'lungct is':>10}")
   for name, r in out["sides"].items():
@@ -348,6 +366,7 @@ def main(argv=None) -> dict[str, Any]:
       print(f"[nodule_step] {DATA} is absent: no whole runs", file=sys.stderr)
     else:
       tmp = args.workdir or tempfile.mkdtemp(prefix="lungct_nodule_")
+      os.makedirs(tmp, exist_ok=True)
       out["run"] = part_run(args, tmp)
       print_run(out["run"], args.epochs)
   out["load_average_after"] = os.getloadavg()
