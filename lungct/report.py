@@ -111,22 +111,30 @@ def gradcam_figures(config, predictor: runtime.Predictor, source, test_pred: dic
 
 def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
                  explicit=()) -> str:
-  from lungct import predict
+  from lungct import evaluate, predict
   predictor, task = predict.restore_binary_classifier(config, workdir, checkpoint_path, explicit, "report")
   config = predictor.config
-  ev_path = os.path.join(workdir, "eval_test.json")
-  sources = runtime.data_sources(config)
-  if not os.path.exists(ev_path):
-    task.run_eval(predictor, sources, workdir, "test")
-  with open(ev_path) as f:
-    ev = _null_to_nan(json.load(f))
+  split = evaluate.EXTERNAL if config.eval.get("external_dir", "") else "test"  # the external set when given
+  ev_path = os.path.join(workdir, f"eval_{split}.json")
+  if split == evaluate.EXTERNAL:
+    sources, info = evaluate.external_sources(config)
+    old = _read_json(ev_path).get(evaluate.EXTERNAL, {})
+    if (old.get("dir"), old.get("csv"), old.get("dataset")) != (info["dir"], info["csv"], info["dataset"]):
+      evaluate.evaluate_external(predictor, workdir)  # none yet, or one of another external set
+    sizes = {}
+  else:
+    sources, info = runtime.data_sources(config), None
+    if not os.path.exists(ev_path):
+      task.run_eval(predictor, sources, workdir, "test")
+    sizes = {s: len(v) for s, v in sources.items()}
+  ev = _null_to_nan(_read_json(ev_path))
   v = predictor.variables
   test_pred = task.predict_split(task.make_apply(v.graphdef, predictor.mesh, config), v, predictor.mesh,
-                                 sources["test"], config)
+                                 sources[split], config)
   out_dir = os.path.join(workdir, "report")
   os.makedirs(out_dir, exist_ok=True)
   figs = make_figures(config, workdir, ev, test_pred, out_dir)
-  figs.update(gradcam_figures(config, predictor, sources["test"], test_pred,
+  figs.update(gradcam_figures(config, predictor, sources[split], test_pred,
                               ev["operating_points"]["youden"]["threshold"], out_dir))
   builder = lung_ct.builder_for(config.data)
   try:
@@ -138,7 +146,7 @@ def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_pat
   if os.path.exists(mpath):
     with open(mpath) as f:
       summary = json.load(f)
-  html_text, md_text = render(config, ev, figs, build, summary, {s: len(v) for s, v in sources.items()})
+  html_text, md_text = render(config, ev, figs, build, summary, sizes, external=info)
   with open(os.path.join(workdir, "report.html"), "w") as f:
     f.write(html_text)
   with open(os.path.join(workdir, "report.md"), "w") as f:
@@ -153,18 +161,42 @@ METRIC_ROWS = [("roc_auc", "ROC-AUC"), ("sensitivity", "Sensitivity"), ("specifi
                ("brier", "Brier score"), ("ece", "Calibration error (ECE)")]
 
 
-def render(config, ev: dict, figs: dict[str, str], build: dict, summary: dict, sizes: dict) -> tuple[str, str]:
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def external_line(info: dict) -> str:
+  """What the external set is, what its build read / kept / skipped, and whether it shares patients."""
+  t = info["totals"]
+  reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in info.get("skip_reasons", {}).items())
+  skipped = ", ".join(html.escape(os.path.basename(s["file"])) for s in info.get("skipped", [])[:5])
+  shared = info.get("shared_patients", [])
+  return (f"<b>External test set</b>: {html.escape(info['dir'])} (labels {html.escape(info['csv'])}), prepared "
+          f"exactly as the training data: {t['read']} scans read, {t['kept']} kept, <b>{t['skipped']} skipped</b>"
+          + (f" ({reasons}: {skipped})" if t["skipped"] else "") + f"; {info['n_patients']} patients, "
+          + (f"<b>{len(shared)} of them also in the training dataset</b> (not independent)" if shared else
+             "none of them in the training dataset") + ".")
+
+
+def render(config, ev: dict, figs: dict[str, str], build: dict, summary: dict, sizes: dict,
+           external: dict | None = None) -> tuple[str, str]:
   ops = ev["operating_points"]
+  where = "the external test set" if external else "the test split"
   synthetic = config.data.source == "synthetic"
   when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   counts = build.get("totals", {})
   data_lines = [
       f"Source: <b>{config.data.source}</b>{' (synthetic phantoms)' if synthetic else ''}; volumes preprocessed to "
       f"{tuple(config.data.shape)} voxels (depth × height × width), HU window {tuple(config.data.hu_window)}.",
-      f"Split by patient: train {sizes.get('train', '?')}, validation {sizes.get('validation', '?')}, "
-      f"test {sizes.get('test', '?')} studies. Test set: {ev['n']} studies from {ev['n_patients']} patients, "
-      f"{ev['n_positive']} abnormal.",
-  ]
+      (f"External test set: {ev['n']} studies from {ev['n_patients']} patients, {ev['n_positive']} abnormal; "
+       f"thresholds from the internal validation split." if external else
+       f"Split by patient: train {sizes.get('train', '?')}, validation {sizes.get('validation', '?')}, "
+       f"test {sizes.get('test', '?')} studies. Test set: {ev['n']} studies from {ev['n_patients']} patients, "
+       f"{ev['n_positive']} abnormal."),
+  ] + ([external_line(external)] if external else [])
   if counts:
     reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in build.get("skip_reasons", {}).items())
     data_lines.append(f"Dataset build: {counts.get('read', '?')} scans read, {counts.get('kept', '?')} kept, "
@@ -192,7 +224,7 @@ img{{max-width:100%}}.warn{{background:#fff3cd;padding:8px 12px;border-left:4px 
 <h1>lungct evaluation report</h1><p>Generated {when}. Task: normal vs abnormal chest CT.</p>
 <p class="warn">Research use only — not for diagnosis.{' Synthetic data.' if synthetic else ''}</p>
 <h2>Data</h2><ul>{''.join(f'<li>{l}</li>' for l in data_lines)}</ul><p>{model_line}</p>
-<h2>Results on the test split</h2>
+<h2>Results on {where}</h2>
 <p>Values are point estimates with 95% bootstrap confidence intervals (patients resampled, {config.eval.n_boot} draws).
 Each column is one operating threshold chosen on the validation split: the conventional 0.5, the threshold maximising
 sensitivity + specificity (Youden's J), and the highest thresholds reaching a target sensitivity.</p>
@@ -206,7 +238,7 @@ in a population where it is rarer, the PPV will be lower.</p>
 </body></html>"""
   md = ["# lungct evaluation report", "", f"Generated {when}. **Research use only — not for diagnosis.**", "",
         "## Data", ""] + [f"- {_strip(l)}" for l in data_lines] + ["", _strip(model_line), "",
-        "## Results on the test split (95% bootstrap CIs)", "",
+        f"## Results on {where} (95% bootstrap CIs)", "",
         "| " + " | ".join(_strip(h.replace("<br>", " ")) for h in head) + " |",
         "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows] + [
         "", "## What these numbers mean", ""] + [f"- {_strip(i)}" for i in interp] + [

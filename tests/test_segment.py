@@ -168,4 +168,5 @@ def test_segmentation_cross_validation_runs_through_the_loop(seg_run, tmp_path):
   c.train.eval_every_steps = 2
   out = evaluate.cross_validate(c, str(tmp_path))
   assert len(out["per_fold"]) == 2 and "dice" in out["summary"]
+  assert out["pooled"]["n"] == sum(f["n_heldout"] for f in out["per_fold"]) and "dice" in out["pooled"]
   assert all(0 <= f["dice"] <= 1 for f in out["per_fold"] if f["dice"] is not None and np.isfinite(f["dice"]))
