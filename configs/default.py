@@ -37,6 +37,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.beam_options = ""             # build on Apache Beam instead: pipeline args, e.g. "--runner=DirectRunner"
   d.label = "binary"              # binary (normal vs abnormal) | grade (severity CT-0..CT-4)
   d.num_classes = 5               # label=grade: number of severity grades
+  d.class_names = ("normal", "abnormal")  # label=binary: names of label 0 and 1 (predict, tables, report, figures)
   return d
 
 
@@ -110,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.n_boot = 1000            # bootstrap resamples (by patient) for confidence intervals
   c.eval.sensitivity_targets = (0.9, 0.95)  # extra operating points: threshold reaching this sensitivity on validation
+  c.eval.calibration = "none"     # none | temperature (fitted on validation by --mode=eval, applied by eval/predict/report)
   c.eval.gradcam_layer = "blocks.1"  # Grad-CAM layer for predict/report ("" = the last block with > 1 voxel)
   c.eval.external_dir = ""        # --mode=eval/report on an external test set: the folder of its scans (NIfTI or DICOM
   c.eval.external_csv = ""        # series) and its labels CSV (filename,label[,patient_id][,grade][,mask]); every scan

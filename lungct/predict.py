@@ -45,16 +45,38 @@ def scan_input(path: str, data_cfg) -> np.ndarray:
   return preprocess.model_input(nifti.load_scan(path), data_cfg)
 
 
-def choose_threshold(config: ml_collections.ConfigDict, workdir: str) -> tuple[float, str]:
-  """config.predict.threshold if set (>= 0); else the Youden threshold --mode=eval chose on validation; else 0.5."""
+def choose_threshold(config: ml_collections.ConfigDict, workdir: str, predictor: runtime.Predictor
+                     ) -> tuple[float, str, dict]:
+  """(threshold, why, recalibration) for ``predictor``'s checkpoint.
+
+  The threshold is config.predict.threshold if set (>= 0); else the Youden threshold --mode=eval chose on
+  validation, read from an eval_test.json / eval_validation.json written for this very checkpoint (an
+  evaluation of other weights is named and ignored); else 0.5. The recalibration (a temperature, with
+  eval.calibration="temperature") comes from that same evaluation; {"method": "none"} without one.
+  """
+  from lungct.tasks import classify
+  ev, notes = None, []
+  for split in ("test", "validation"):
+    ev, why = classify.load_eval(workdir, split, predictor)
+    if ev is not None:
+      name = f"eval_{split}.json"
+      break
+    if not why.startswith("no "):
+      notes.append(f"ignored: {why}")
+  for note in notes:
+    print(note)
+  rec = (ev or {}).get("recalibration", {"method": "none"})
+  if config.eval.get("calibration", "none") != "none" and ev is None:
+    raise FileNotFoundError(f"config.eval.calibration={config.eval.calibration!r}: no evaluation of "
+                            f"{predictor.checkpoint} holds its temperature; run --mode=eval first")
   if config.predict.threshold >= 0:
-    return float(config.predict.threshold), "config.predict.threshold"
-  for name in ("eval_test.json", "eval_validation.json"):
-    path = os.path.join(workdir, name)
-    if os.path.exists(path):
-      with open(path) as f:
-        return float(json.load(f)["operating_points"]["youden"]["threshold"]), f"Youden's J on validation ({name})"
-  return 0.5, "default 0.5 (run --mode=eval first to choose one on validation)"
+    return float(config.predict.threshold), "config.predict.threshold", rec
+  if ev is None:
+    return 0.5, "default 0.5 (run --mode=eval first to choose one on validation)", rec
+  youden = ev["operating_points"]["youden"]
+  if youden.get("threshold") is None:
+    return 0.5, f"default 0.5: Youden's threshold is undefined in {name} ({youden.get('undefined')})", rec
+  return float(youden["threshold"]), f"Youden's J on validation ({name})", rec
 
 
 def restore_binary_classifier(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str,
@@ -76,13 +98,16 @@ def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_pa
   files = list_scans(config.predict.input)
   v = predictor.variables
   apply = task.make_apply(v.graphdef, predictor.mesh, config)
-  threshold, why = choose_threshold(config, workdir)
+  threshold, why, rec = choose_threshold(config, workdir, predictor)
+  neg, pos = task.class_names(config)
   out_dir = os.path.join(workdir, "predictions")
   main = runtime.is_main_process()
   if main:
     os.makedirs(out_dir, exist_ok=True)
     print(f"Checkpoint {predictor.checkpoint}; data prepared as in training: shape {tuple(config.data.shape)}, "
-          f"HU window {tuple(config.data.hu_window)}. Decision threshold {threshold:.3f} ({why}).")
+          f"HU window {tuple(config.data.hu_window)}. Decision threshold {threshold:.3f} ({why})."
+          + (f" Probabilities recalibrated with temperature {rec['temperature']:.3f} (fitted on validation)."
+             if rec.get("temperature") is not None else ""))
   rows = []
   n = runtime.data_size(predictor.mesh)
   for path in files:
@@ -95,7 +120,8 @@ def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_pa
     batch = np.repeat(image, n, axis=0)  # one copy per batch shard keeps the batch shardable
     prob = float(runtime.fetch(apply(v.params, v.batch_stats,
                                      runtime.to_global(predictor.mesh, runtime.host_slice(batch))))[0])
-    decision = "abnormal" if prob >= threshold else "normal"
+    prob = float(task.calibrated(np.asarray([prob]), rec)[0])
+    decision = pos if prob >= threshold else neg
     row = {"file": path, "probability": f"{prob:.6f}", "decision": decision, "error": ""}
     if main:
       cam = np.asarray(interpret.grad_cam(v.graphdef, v.params, v.batch_stats, image,
@@ -103,9 +129,9 @@ def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_pa
       name = output_name(path, config.predict.input)
       png = os.path.join(out_dir, f"{name}_gradcam.png")
       viz.save(viz.overlay_slices(image[0, ..., 0], cam, num_slices=6,
-                                  title=f"{name}: P(abnormal)={prob:.3f} -> {decision} (t={threshold:.2f}); "
+                                  title=f"{name}: P({pos})={prob:.3f} -> {decision} (t={threshold:.2f}); "
                                         f"Grad-CAM"), png)
-      print(f"{path}: P(abnormal) = {prob:.3f} -> {decision}   overlay: {png}")
+      print(f"{path}: P({pos}) = {prob:.3f} -> {decision}   overlay: {png}")
     rows.append(row)
   if main:
     csv_path = os.path.join(workdir, "predictions.csv")

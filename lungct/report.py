@@ -1,7 +1,7 @@
 """--mode=report: one self-contained HTML page (and a Markdown twin) a clinician can read.
 
-It gathers what the other modes wrote in the workdir (metrics.jsonl from training, eval_test.json and
-predictions_test.csv from --mode=eval, which it runs first if missing), draws the figures, and explains the
+It gathers what the other modes wrote in the workdir (metrics.jsonl from training, eval_test.json from
+--mode=eval, which it runs first if it is missing or was written for another checkpoint or calibration), draws the figures, and explains the
 numbers in plain language. Figures are PNG files in <workdir>/report/ and embedded in report.html.
 """
 from __future__ import annotations
@@ -42,56 +42,101 @@ def _fmt(m: dict) -> str:
   return f"{m['value']:.3f} ({m['lo']:.3f}–{m['hi']:.3f})" if np.isfinite(m["value"]) else "n/a"
 
 
-def per_100(op_metrics: dict) -> str:
-  """Sensitivity and specificity as counts out of 100 patients with and 100 without the finding."""
+def per_100(op_metrics: dict, class_names=("normal", "abnormal"), unit: str = "studies") -> str:
+  """Sensitivity and specificity as counts out of 100 positive and 100 negative cases (studies or patients)."""
   sens, spec = op_metrics["sensitivity"]["value"], op_metrics["specificity"]["value"]
   if not (np.isfinite(sens) and np.isfinite(spec)):
-    return "Not enough cases of both kinds to express this threshold per 100 patients."
-  return (f"Of 100 patients <b>with</b> the finding, the model flags about <b>{round(100 * sens)}</b> and misses "
-          f"about <b>{100 - round(100 * sens)}</b> (sensitivity {sens:.2f}). Of 100 patients <b>without</b> it, "
+    return f"Not enough {unit} of both kinds to express this threshold per 100 {unit}."
+  neg, pos = class_names
+  return (f"Of 100 <b>{pos}</b> {unit}, the model flags about <b>{round(100 * sens)}</b> and misses "
+          f"about <b>{100 - round(100 * sens)}</b> (sensitivity {sens:.2f}). Of 100 <b>{neg}</b> {unit}, "
           f"the model clears about <b>{round(100 * spec)}</b> and wrongly flags about <b>{100 - round(100 * spec)}"
           f"</b> (specificity {spec:.2f}).")
+
+
+def net_benefit_sentence(name: str, op: dict, class_names=("normal", "abnormal"), unit: str = "studies") -> str:
+  """One sentence reading an operating point on the decision curve (its threshold taken as a risk threshold)."""
+  nb = op.get("net_benefit")
+  if op.get("threshold") is None or not nb or not np.isfinite(nb["model"]["value"]):
+    return f"{name}: no net benefit can be computed at this threshold."
+  t, m, a, adv = op["threshold"], nb["model"], nb["treat_all"], nb["advantage"]
+  pos = class_names[1]
+  head = (f"At the <b>{name}</b> threshold (acting when the predicted risk is at least {100 * t:.0f}%), the "
+          f"model's net benefit is {_fmt(m)}, against {a['value']:.3f} for acting on every case (treat all) "
+          f"and 0 for acting on none")
+  if adv["value"] > 0:
+    return (head + f": using the model is equivalent to finding <b>{100 * adv['value']:.1f}</b> "
+            f"(95% CI {100 * adv['lo']:.1f} to {100 * adv['hi']:.1f}) more {pos} {unit} per 100 {unit} "
+            f"without extra false positives, compared with the better of the two.")
+  return head + (f": at this threshold the model does not beat the better of treat all and treat none "
+                 f"(difference {100 * adv['value']:.1f} per 100 {unit}, 95% CI {100 * adv['lo']:.1f} to "
+                 f"{100 * adv['hi']:.1f}).")
 
 
 CURVE_KEYS = ("train/loss", "val/loss", "train/accuracy", "val/accuracy", "val/auc", "val/sensitivity",
               "val/specificity", "train/learning_rate")
 
 
+def _defined(ops: dict) -> dict:
+  return {name: op for name, op in ops.items() if op.get("threshold") is not None}
+
+
 def make_figures(config, workdir: str, ev: dict, test_pred: dict, out_dir: str) -> dict[str, str]:
+  from lungct.tasks import classify
   figs = {}
+  names = classify.class_names(config)
   jsonl = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(jsonl):
     history = [{k: v for k, v in rec.items() if k == "step" or k in CURVE_KEYS} for rec in viz.load_history(jsonl)]
     figs["Training curves"] = viz.save(viz.training_curves([h for h in history if len(h) > 1]),
                                        os.path.join(out_dir, "training_curves.png"))
-  ops = ev["operating_points"]
+  ops = _defined(ev["operating_points"])
   y, p = test_pred["label"], test_pred["prob"]
-  points = []
-  for name, op in ops.items():
-    m = op["metrics"]
-    points.append({"name": name, "fpr": 1 - m["specificity"]["value"], "tpr": m["sensitivity"]["value"],
-                   "threshold": op["threshold"]})
-  auc = ops["youden"]["metrics"]["roc_auc"]["value"]
-  figs["ROC curve"] = viz.save(viz.roc_curve(np.asarray(ev["roc"]["fpr"]), np.asarray(ev["roc"]["tpr"]), auc=auc,
-                                             operating_points=points), os.path.join(out_dir, "roc.png"))
-  t = ops["youden"]["threshold"]
+  points = [{"name": name, "fpr": 1 - op["metrics"]["specificity"]["value"],
+             "tpr": op["metrics"]["sensitivity"]["value"], "threshold": op["threshold"]} for name, op in ops.items()]
+  auc = metrics.roc_auc(y, p)
+  figs["ROC curve (per study)"] = viz.save(
+      viz.roc_curve(np.asarray(ev["roc"]["fpr"]), np.asarray(ev["roc"]["tpr"]), auc=auc, operating_points=points),
+      os.path.join(out_dir, "roc.png"))
+  t, rule = _decision(ev)
   cm = metrics.confusion_matrix(y, (p >= t).astype(int))
-  figs["Confusion matrix (Youden threshold)"] = viz.save(
-      viz.confusion_matrix(cm, title=f"Test set, threshold {t:.3f}"), os.path.join(out_dir, "confusion.png"))
-  cal = ev["calibration"]
-  ece = ops["youden"]["metrics"]["ece"]["value"]
-  figs["Reliability diagram"] = viz.save(
-      viz.reliability_diagram(np.asarray(cal["bin_confidence"], float), np.asarray(cal["bin_accuracy"], float),
-                              np.asarray(cal["bin_counts"]), ece=ece), os.path.join(out_dir, "reliability.png"))
+  figs[f"Confusion matrix (per study, {rule} threshold)"] = viz.save(
+      viz.confusion_matrix(cm, class_names=names, title=f"Test set, threshold {t:.3f}"),
+      os.path.join(out_dir, "confusion.png"))
+  rec = ev.get("recalibration", {})
+  panels = ([("before recalibration", rec["before"], "reliability_before.png"),
+             (f"after temperature scaling (T = {rec['temperature']:.2f}, fitted on validation)", rec["after"],
+              "reliability.png")] if rec.get("temperature") is not None else
+            [("no recalibration", ev["calibration"], "reliability.png")])
+  for label, cal, png in panels:
+    figs[f"Reliability diagram, {label}"] = viz.save(
+        viz.reliability_diagram(np.asarray(cal["bin_confidence"], float), np.asarray(cal["bin_accuracy"], float),
+                                np.asarray(cal["bin_counts"]), ece=cal["ece"]["value"],
+                                title=f"Reliability, {label.split(' (')[0]}"), os.path.join(out_dir, png))
+  dc = ev.get("decision_curve")
+  if dc:
+    figs["Decision curve (per study)"] = viz.save(
+        viz.decision_curve(dc["thresholds"], dc["model"]["value"], dc["treat_all"]["value"],
+                           model_lo=dc["model"]["lo"], model_hi=dc["model"]["hi"],
+                           operating_points=[{"name": n, "threshold": op["threshold"]} for n, op in ops.items()],
+                           title=f"Decision curve: {names[1]} vs {names[0]}, per study"),
+        os.path.join(out_dir, "decision_curve.png"))
   return figs
+
+
+def _decision(ev: dict) -> tuple[float, str]:
+  youden = ev["operating_points"]["youden"]
+  return (youden["threshold"], "Youden") if youden.get("threshold") is not None else (0.5, "default 0.5")
 
 
 def gradcam_figures(config, predictor: runtime.Predictor, source, test_pred: dict, threshold: float,
                     out_dir: str) -> dict[str, str]:
   """Grad-CAM overlays for the most confident true/false positives/negatives of the test split."""
+  from lungct.tasks import classify
   picks = interpret.explain_cases(test_pred["prob"], test_pred["label"], test_pred["study_id"], threshold=threshold)
   v = predictor.variables
   figs = {}
+  positive = classify.class_names(config)[1]
   names = {"true_positive": "True positive", "false_positive": "False positive",
            "false_negative": "False negative", "true_negative": "True negative"}
   for category, idx in picks.items():
@@ -102,7 +147,8 @@ def gradcam_figures(config, predictor: runtime.Predictor, source, test_pred: dic
       cam = np.asarray(interpret.grad_cam(v.graphdef, v.params, v.batch_stats, image,
                                           layer=config.eval.gradcam_layer or None))[0]
       mask = ex["mask"][..., 0] if "mask" in ex and np.any(ex["mask"]) else None
-      title = f"{names.get(category, category)}: {sid}, P(abnormal)={test_pred['prob'][j]:.2f}, label {test_pred['label'][j]}"
+      title = (f"{names.get(category, category)}: {sid}, P({positive})={test_pred['prob'][j]:.2f}, "
+               f"label {test_pred['label'][j]}")
       figs[f"{names.get(category, category)} ({sid})"] = viz.save(
           viz.overlay_slices(image[0, ..., 0], cam, num_slices=6, mask=mask, title=title),
           os.path.join(out_dir, f"gradcam_{category}.png"))
@@ -115,27 +161,36 @@ def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_pat
   predictor, task = predict.restore_binary_classifier(config, workdir, checkpoint_path, explicit, "report")
   config = predictor.config
   split = evaluate.EXTERNAL if config.eval.get("external_dir", "") else "test"  # the external set when given
-  ev_path = os.path.join(workdir, f"eval_{split}.json")
   if split == evaluate.EXTERNAL:
-    sources, info = evaluate.external_sources(config)
-    old = _read_json(ev_path).get(evaluate.EXTERNAL, {})
-    if (old.get("dir"), old.get("csv"), old.get("dataset")) != (info["dir"], info["csv"], info["dataset"]):
-      evaluate.evaluate_external(predictor, workdir)  # none yet, or one of another external set
+    sources, external = evaluate.external_sources(config)
     sizes = {}
   else:
-    sources, info = runtime.data_sources(config), None
-    if not os.path.exists(ev_path):
-      task.run_eval(predictor, sources, workdir, "test")
+    sources, external = runtime.data_sources(config), None
     sizes = {s: len(v) for s, v in sources.items()}
-  ev = _null_to_nan(_read_json(ev_path))
+  ev, why = task.load_eval(workdir, split, predictor)
+  if ev is not None and external is not None:
+    old = ev.get(evaluate.EXTERNAL, {})
+    if (old.get("dir"), old.get("csv"), old.get("dataset")) != (external["dir"], external["csv"],
+                                                                 external["dataset"]):
+      ev, why = None, f"eval_external.json was written for another external set ({old.get('dir')})"
+  if ev is None:  # missing, or written for another checkpoint, calibration or external set: evaluate this one
+    print(f"report: {why}; running --mode=eval on the {split} set for {predictor.checkpoint}.")
+    if external is not None:
+      evaluate.evaluate_external(predictor, workdir)
+    else:
+      task.run_eval(predictor, sources, workdir, "test")
+    ev, why = task.load_eval(workdir, split, predictor)
+    if ev is None:
+      raise RuntimeError(f"report: {why}")
+  ev = _null_to_nan(ev)
   v = predictor.variables
   test_pred = task.predict_split(task.make_apply(v.graphdef, predictor.mesh, config), v, predictor.mesh,
                                  sources[split], config)
+  test_pred["prob"] = task.calibrated(test_pred["prob"], ev.get("recalibration"))
   out_dir = os.path.join(workdir, "report")
   os.makedirs(out_dir, exist_ok=True)
   figs = make_figures(config, workdir, ev, test_pred, out_dir)
-  figs.update(gradcam_figures(config, predictor, sources[split], test_pred,
-                              ev["operating_points"]["youden"]["threshold"], out_dir))
+  figs.update(gradcam_figures(config, predictor, sources[split], test_pred, _decision(ev)[0], out_dir))
   builder = lung_ct.builder_for(config.data)
   try:
     build = lung_ct.read_build_report(builder)
@@ -146,7 +201,7 @@ def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_pat
   if os.path.exists(mpath):
     with open(mpath) as f:
       summary = json.load(f)
-  html_text, md_text = render(config, ev, figs, build, summary, sizes, external=info)
+  html_text, md_text = render(config, ev, figs, build, summary, sizes, external=external)
   with open(os.path.join(workdir, "report.html"), "w") as f:
     f.write(html_text)
   with open(os.path.join(workdir, "report.md"), "w") as f:
@@ -161,11 +216,25 @@ METRIC_ROWS = [("roc_auc", "ROC-AUC"), ("sensitivity", "Sensitivity"), ("specifi
                ("brier", "Brier score"), ("ece", "Calibration error (ECE)")]
 
 
-def _read_json(path: str) -> dict:
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+def metric_table(ops: dict) -> tuple[list[str], list[list[str]]]:
+  """(header, rows) of one level's operating points; an undefined threshold is a column saying why."""
+  head = ["Metric"] + [f"{name}<br>(t = {op['threshold']:.3f})" if op.get("threshold") is not None
+                       else f"{name}<br>(undefined)" for name, op in ops.items()]
+  rows = [[label] + [_fmt(op["metrics"][key]) if op.get("threshold") is not None else "undefined"
+                     for op in ops.values()] for key, label in METRIC_ROWS]
+  rows.append(["TP / FP / TN / FN"] + [_counts(op) if op.get("threshold") is not None else "–"
+                                       for op in ops.values()])
+  return head, rows
+
+
+def _table_html(head, rows) -> str:
+  return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
+      "<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
+
+
+def _table_md(head, rows) -> list[str]:
+  return (["| " + " | ".join(_strip(h.replace("<br>", " ")) for h in head) + " |", "|" + "---|" * len(head)]
+          + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def external_line(info: dict) -> str:
@@ -183,19 +252,23 @@ def external_line(info: dict) -> str:
 
 def render(config, ev: dict, figs: dict[str, str], build: dict, summary: dict, sizes: dict,
            external: dict | None = None) -> tuple[str, str]:
-  ops = ev["operating_points"]
   where = "the external test set" if external else "the test split"
+  from lungct.tasks import classify
+  names = tuple(ev.get("class_names") or classify.class_names(config))
+  ops = ev["operating_points"]
+  pl = ev.get("patient_level") or {}
+  multi = pl.get("max_studies_per_patient", 1) > 1
   synthetic = config.data.source == "synthetic"
   when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   counts = build.get("totals", {})
   data_lines = [
       f"Source: <b>{config.data.source}</b>{' (synthetic phantoms)' if synthetic else ''}; volumes preprocessed to "
       f"{tuple(config.data.shape)} voxels (depth × height × width), HU window {tuple(config.data.hu_window)}.",
-      (f"External test set: {ev['n']} studies from {ev['n_patients']} patients, {ev['n_positive']} abnormal; "
+      (f"External test set: {ev['n']} studies from {ev['n_patients']} patients, {ev['n_positive']} {names[1]}; "
        f"thresholds from the internal validation split." if external else
        f"Split by patient: train {sizes.get('train', '?')}, validation {sizes.get('validation', '?')}, "
        f"test {sizes.get('test', '?')} studies. Test set: {ev['n']} studies from {ev['n_patients']} patients, "
-       f"{ev['n_positive']} abnormal."),
+       f"{ev['n_positive']} {names[1]}."),
   ] + ([external_line(external)] if external else [])
   if counts:
     reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in build.get("skip_reasons", {}).items())
@@ -204,53 +277,91 @@ def render(config, ev: dict, figs: dict[str, str], build: dict, summary: dict, s
                       f"every skipped file and its reason is listed in build_report.json. Skipped scans are not "
                       f"in any split: if they differ from the kept ones (e.g. small nodules), the results may "
                       f"not carry over to them.")
-  model_line = (f"Model <b>{config.model.name}</b>, checkpoint step {ev.get('checkpoint_step')} (best validation "
-                f"AUC), trained {summary.get('steps', '?')} steps in {summary.get('wall_time_s', 0):.0f} s.")
-  head = ["Metric"] + [f"{name}<br>(t = {op['threshold']:.3f})" for name, op in ops.items()]
-  rows = [[label] + [_fmt(op["metrics"][key]) for op in ops.values()] for key, label in METRIC_ROWS]
-  rows.append(["TP / FP / TN / FN"] + [_counts(op) for op in ops.values()])
-  interp = [f"<li><b>{name}</b> (threshold {op['threshold']:.3f}): {per_100(op['metrics'])}</li>" for name, op in ops.items()]
+  model_line = (f"Model <b>{config.model.name}</b>, checkpoint {html.escape(str(ev.get('checkpoint')))} (step "
+                f"{ev.get('checkpoint_step')}, fingerprint {ev.get('checkpoint_fingerprint')}), trained "
+                f"{summary.get('steps', '?')} steps in {summary.get('wall_time_s', 0):.0f} s.")
+  rec = ev.get("recalibration", {"method": "none"})
+  if rec.get("temperature") is not None:
+    cal_line = (f"Probabilities are recalibrated by temperature scaling: T = {rec['temperature']:.3f}, fitted on the "
+                f"validation split (T &gt; 1 softens over-confident outputs; ranking and AUC are unchanged). "
+                f"Test ECE {_fmt(rec['before']['ece'])} before, <b>{_fmt(rec['after']['ece'])}</b> after. Every "
+                f"number below uses the recalibrated probabilities.")
+  elif rec.get("undefined"):
+    cal_line = f"Recalibration was requested but not possible: {rec['undefined']}."
+  else:
+    cal_line = (f"No recalibration (eval.calibration = 'none'); test ECE {_fmt(ev['calibration']['ece'])}. With "
+                f"--config.eval.calibration=temperature, --mode=eval fits a temperature on validation.")
+  study_head, study_rows = metric_table(ops)
+  tables = [("Per study: each study is one case; thresholds chosen on per-study validation scores",
+             study_head, study_rows)]
+  if multi:
+    tables.append((f"Per patient: {pl['n_patients']} patients ({pl['n_positive']} with a {names[1]} study); a "
+                   f"patient is positive if any study is and scores its highest probability; thresholds chosen "
+                   f"on per-patient validation scores", *metric_table(pl["operating_points"])))
+  interp = []
+  for name, op in ops.items():
+    if op.get("threshold") is None:
+      interp.append(f"<li><b>{name}</b>: undefined — {html.escape(op['undefined'])}.</li>")
+      continue
+    interp.append(f"<li><b>{name}</b> (threshold {op['threshold']:.3f}, per study): {per_100(op['metrics'], names)} "
+                  f"{net_benefit_sentence(name, op, names, 'studies')}</li>")
+  if multi:
+    for name, op in pl["operating_points"].items():
+      if op.get("threshold") is not None:
+        interp.append(f"<li><b>{name}</b> (threshold {op['threshold']:.3f}, per patient): "
+                      f"{per_100(op['metrics'], names, 'patients')} "
+                      f"{net_benefit_sentence(name, op, names, 'patients')}</li>")
+  dca_note = ("Net benefit (Vickers &amp; Elkin, Med Decis Making 2006) weighs true positives against false "
+              "positives at the exchange rate a threshold probability t implies (one false positive costs t/(1−t) "
+              "true positives); it reads a threshold as a risk, which is only fair when the probabilities are "
+              "calibrated (see above).")
   limitations = ([LIMITATIONS_SYNTHETIC] if synthetic else []) + LIMITATIONS_COMMON
-
-  table_html = "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
-      "<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
   fig_html = "".join(f"<figure><img src='{_img(p)}' alt='{html.escape(t)}'><figcaption>{html.escape(t)}</figcaption>"
                      f"</figure>" for t, p in figs.items())
+  tables_html = "".join(f"<h3>{html.escape(title)}</h3>{_table_html(h, r)}" for title, h, r in tables)
   page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lungct report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.45}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}figure{{display:inline-block;margin:8px;max-width:100%}}
 img{{max-width:100%}}.warn{{background:#fff3cd;padding:8px 12px;border-left:4px solid #e0a800}}</style></head><body>
-<h1>lungct evaluation report</h1><p>Generated {when}. Task: normal vs abnormal chest CT.</p>
+<h1>lungct evaluation report</h1><p>Generated {when}. Task: {html.escape(names[1])} vs {html.escape(names[0])}
+({html.escape(config.data.source)} data).</p>
 <p class="warn">Research use only — not for diagnosis.{' Synthetic data.' if synthetic else ''}</p>
 <h2>Data</h2><ul>{''.join(f'<li>{l}</li>' for l in data_lines)}</ul><p>{model_line}</p>
 <h2>Results on {where}</h2>
 <p>Values are point estimates with 95% bootstrap confidence intervals (patients resampled, {config.eval.n_boot} draws).
 Each column is one operating threshold chosen on the validation split: the conventional 0.5, the threshold maximising
 sensitivity + specificity (Youden's J), and the highest thresholds reaching a target sensitivity.</p>
-{table_html}
+<p>{cal_line}</p>
+{tables_html}
 <h2>What these numbers mean</h2><ul>{''.join(interp)}</ul>
+<p>{dca_note}</p>
 <p>A lower threshold finds more disease (higher sensitivity) at the cost of more false alarms (lower specificity).
-PPV and NPV depend on how common the finding is: in this test set {ev['n_positive']} of {ev['n']} studies are abnormal;
-in a population where it is rarer, the PPV will be lower.</p>
+PPV and NPV depend on how common the finding is: in this test set {ev['n_positive']} of {ev['n']} studies are
+{html.escape(names[1])}; in a population where it is rarer, the PPV will be lower.</p>
 <h2>Figures</h2>{fig_html}
 <h2>Limitations</h2><ul>{''.join(f'<li>{l}</li>' for l in limitations)}</ul>
 </body></html>"""
-  md = ["# lungct evaluation report", "", f"Generated {when}. **Research use only — not for diagnosis.**", "",
-        "## Data", ""] + [f"- {_strip(l)}" for l in data_lines] + ["", _strip(model_line), "",
-        f"## Results on {where} (95% bootstrap CIs)", "",
-        "| " + " | ".join(_strip(h.replace("<br>", " ")) for h in head) + " |",
-        "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows] + [
-        "", "## What these numbers mean", ""] + [f"- {_strip(i)}" for i in interp] + [
-        "", "## Figures", ""] + [f"![{t}](report/{os.path.basename(p)})" for t, p in figs.items()] + [
-        "", "## Limitations", ""] + [f"- {_strip(l)}" for l in limitations]
+  md = ["# lungct evaluation report", "", f"Generated {when}. Task: {names[1]} vs {names[0]}. "
+        f"**Research use only — not for diagnosis.**", "", "## Data", ""] + [
+        f"- {_strip(l)}" for l in data_lines] + ["", _strip(model_line), "",
+        f"## Results on {where} (95% bootstrap CIs)", "", _strip(cal_line), ""]
+  for title, h, r in tables:
+    md += [f"### {title}", ""] + _table_md(h, r) + [""]
+  md += ["## What these numbers mean", ""] + [f"- {_strip(i)}" for i in interp] + ["", _strip(dca_note), "",
+         "## Figures", ""] + [f"![{t}](report/{os.path.basename(p)})" for t, p in figs.items()] + [
+         "", "## Limitations", ""] + [f"- {_strip(l)}" for l in limitations]
   return page, "\n".join(md) + "\n"
 
 
+_KEEP_NONE = frozenset({"threshold", "temperature"})  # None there means "undefined", said as such
+
+
 def _null_to_nan(obj):
-  """eval_<split>.json writes undefined values as null (strict JSON); the report computes with NaN."""
+  """eval_<split>.json writes undefined values as null (strict JSON); the report computes with NaN (thresholds
+  and temperatures stay None: an undefined one is reported, not computed with)."""
   if isinstance(obj, dict):
-    return {k: _null_to_nan(v) for k, v in obj.items()}
+    return {k: v if k in _KEEP_NONE and v is None else _null_to_nan(v) for k, v in obj.items()}
   if isinstance(obj, list):
     return [_null_to_nan(v) for v in obj]
   return float("nan") if obj is None else obj

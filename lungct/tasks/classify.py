@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lungct import metrics, runtime
+from lungct import checkpoint, metrics, runtime
 from lungct.data import augment as augment_lib
 
 NAME = "classify"
@@ -23,8 +23,18 @@ MODES = ("train", "eval", "cv", "predict", "report")
 BEST_METRIC = "auc"
 
 
+CALIBRATIONS = ("none", "temperature")
+
+
 def check(config) -> list[str]:
-  return []
+  errors = []
+  names = tuple(config.data.get("class_names", ("negative", "positive")))
+  if config.data.label == "binary" and (len(names) != 2 or not all(isinstance(n, str) and n for n in names)):
+    errors.append(f"config.data.class_names={names!r}: two names (label 0, label 1), e.g. ('benign', 'malignant')")
+  calibration = config.eval.get("calibration", "none")
+  if calibration not in CALIBRATIONS:
+    errors.append(f"config.eval.calibration={calibration!r}: must be one of {CALIBRATIONS}")
+  return errors
 
 
 def input_shape(config) -> tuple[int, int, int]:
@@ -113,34 +123,131 @@ def evaluate(apply, variables, mesh, source, config) -> tuple[dict[str, float], 
   return summarize(pred, config), pred
 
 
-def with_confidence(val: dict, test: dict, *, n_boot: int = 1000, seed: int = 0,
-                    sensitivity_targets: Sequence[float] = (0.9, 0.95)) -> dict[str, Any]:
-  """Binary: metrics with patient-level bootstrap CIs at each operating point chosen on ``val``."""
-  points = metrics.operating_points(val["label"], val["prob"], targets=tuple(sensitivity_targets))
-  result = {"n": int(len(test["label"])), "n_positive": int(np.sum(test["label"] == 1)),
-            "n_patients": int(len(set(test["patient_id"].tolist()))), "operating_points": {}}
+def class_names(config) -> tuple[str, str]:
+  """Names of label 0 and 1 of a binary task (``config.data.class_names``, e.g. benign / malignant)."""
+  names = tuple(config.data.get("class_names", ("negative", "positive")))
+  return (str(names[0]), str(names[1])) if len(names) == 2 else ("negative", "positive")
+
+
+def _undefined(name: str, y_val: np.ndarray, level: str) -> str:
+  """Why an operating point could not be chosen on validation (one class missing)."""
+  n_pos, n_neg = int(np.sum(y_val == 1)), int(np.sum(y_val == 0))
+  missing = "positive" if n_pos == 0 else "negative" if n_neg == 0 else None
+  if missing is None:  # cannot happen for the rules of metrics.operating_points; said plainly if it does
+    return f"{name}: no threshold on the {level}-level validation scores"
+  units = {"study": "studies", "patient": "patients"}.get(level, level + "s")
+  return (f"the validation split has no {missing} {units} ({n_pos} positive, {n_neg} negative): "
+          f"{name} cannot be chosen")
+
+
+def operating_point_table(y_val, p_val, y, p, groups, *, level: str, n_boot: int, seed: int,
+                          sensitivity_targets: Sequence[float] = (0.9, 0.95)) -> dict[str, dict]:
+  """Thresholds chosen on validation scores (y_val, p_val), applied to (y, p) with bootstrap CIs resampling
+  ``groups``; both at one ``level`` ("study" or "patient"). A threshold that validation cannot define (one
+  class missing) is reported as {"threshold": None, "undefined": why}, never as metrics at NaN."""
+  points = metrics.operating_points(y_val, p_val, targets=tuple(sensitivity_targets))
+  table = {}
   for name, threshold in points.items():
-    result["operating_points"][name] = {
-        "threshold": float(threshold),
-        "counts": metrics.confusion_counts(test["label"], (test["prob"] >= threshold).astype(int)),
-        "metrics": metrics.metrics_with_ci(test["label"], test["prob"], threshold,
-                                           groups=test["patient_id"], n_boot=n_boot, seed=seed)}
+    if not np.isfinite(threshold):
+      table[name] = {"threshold": None, "undefined": _undefined(name, np.asarray(y_val), level)}
+      continue
+    table[name] = {"threshold": float(threshold),
+                   "counts": metrics.confusion_counts(y, (p >= threshold).astype(int)),
+                   "metrics": metrics.metrics_with_ci(y, p, threshold, groups=groups, n_boot=n_boot, seed=seed)}
+    if 0.0 < threshold < 1.0:  # the decision curve at this threshold read as a risk (Vickers & Elkin 2006)
+      dc = metrics.decision_curve(y, p, (threshold,), groups=groups, n_boot=n_boot, seed=seed)
+      table[name]["net_benefit"] = {k: {s: dc[k][s][0] for s in ("value", "lo", "hi")}
+                                    for k in ("model", "treat_all", "advantage")}
+  return table
+
+
+def recalibrate(val: dict, test: dict, method: str) -> tuple[dict, dict, dict]:
+  """(val, test, record): with method "temperature", a temperature fitted on the validation probabilities
+  (through their logits) applied to both splits; ``prob_uncalibrated`` keeps the model's own output."""
+  if method == "none":
+    return val, test, {"method": "none"}
+  temperature = metrics.fit_temperature(val["label"], metrics.logits_of(val["prob"]))
+  if not np.isfinite(temperature):
+    return val, test, {"method": method, "temperature": None,
+                       "undefined": "the validation split holds one class: no temperature to fit; "
+                                    "probabilities left as the model gave them"}
+  out = []
+  for d in (val, test):
+    out.append({**d, "prob_uncalibrated": d["prob"],
+                "prob": metrics.apply_temperature(metrics.logits_of(d["prob"]), temperature)})
+  return out[0], out[1], {"method": method, "temperature": temperature, "fitted_on": "validation"}
+
+
+def calibrated(prob: np.ndarray, record: dict | None) -> np.ndarray:
+  """``prob`` through the temperature of an evaluation's ``recalibration`` record (unchanged without one)."""
+  t = (record or {}).get("temperature")
+  return prob if t is None else metrics.apply_temperature(metrics.logits_of(prob), float(t))
+
+
+def _calibration(y, p, groups, n_boot, seed) -> dict:
+  bins = {k: np.asarray(v).tolist() for k, v in metrics.calibration_bins(y, p).items()}
+  ci = metrics.bootstrap_ci(y, p, metrics.expected_calibration_error, groups=groups, n_boot=n_boot, seed=seed)
+  return {**bins, "ece": {"value": ci.point, "lo": ci.lo, "hi": ci.hi, "n_used": ci.n_used}}
+
+
+def with_confidence(val: dict, test: dict, *, n_boot: int = 1000, seed: int = 0,
+                    sensitivity_targets: Sequence[float] = (0.9, 0.95), calibration: str = "none",
+                    dca_thresholds: Sequence[float] = metrics.DCA_THRESHOLDS) -> dict[str, Any]:
+  """Binary evaluation of ``test`` with thresholds (and the optional temperature) from ``val``.
+
+  Study level: every study (scan, nodule) is a case, thresholds chosen on per-study validation scores.
+  Patient level (``patient_level``): a patient is positive if any of its studies is and scores its highest
+  probability; thresholds chosen on the patients of validation scored the same way. CIs resample patients.
+  Also: ROC, calibration (ECE with CI; before and after recalibration when there is one) and the decision
+  curve (net benefit with CIs) at both levels.
+  """
+  raw_test = test
+  val, test, record = recalibrate(val, test, calibration)
+  groups = test["patient_id"]
+  result = {"n": int(len(test["label"])), "n_positive": int(np.sum(test["label"] == 1)),
+            "n_patients": int(len(set(test["patient_id"].tolist()))), "level": "study",
+            "operating_points": operating_point_table(
+                val["label"], val["prob"], test["label"], test["prob"], groups, level="study", n_boot=n_boot,
+                seed=seed, sensitivity_targets=sensitivity_targets)}
   fpr, tpr, _ = metrics.roc_curve(test["label"], test["prob"])
   result["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
-  result["calibration"] = {k: np.asarray(v).tolist()
-                           for k, v in metrics.calibration_bins(test["label"], test["prob"]).items()}
+  result["calibration"] = _calibration(test["label"], test["prob"], groups, n_boot, seed)
+  if record.get("temperature") is not None:
+    record["before"] = _calibration(raw_test["label"], raw_test["prob"], groups, n_boot, seed)
+    record["after"] = result["calibration"]
+  result["recalibration"] = record
+  result["decision_curve"] = metrics.decision_curve(test["label"], test["prob"], dca_thresholds, groups=groups,
+                                                    n_boot=n_boot, seed=seed)
+  result["patient_level"] = patient_level(val, test, n_boot=n_boot, seed=seed,
+                                          sensitivity_targets=sensitivity_targets, dca_thresholds=dca_thresholds)
   return result
 
 
-def patient_level(pred: dict, threshold: float, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-  """Per-patient metrics when a patient has several studies (e.g. nodules): a patient is positive if any of
-  its studies is, and scores its highest probability; CIs resample patients."""
+def patient_level(val: dict, test: dict, *, n_boot: int = 1000, seed: int = 0,
+                  sensitivity_targets: Sequence[float] = (0.9, 0.95),
+                  dca_thresholds: Sequence[float] = metrics.DCA_THRESHOLDS) -> dict[str, Any]:
+  """Per-patient evaluation (e.g. several nodules per patient): a patient is positive if any of its studies
+  is and scores its highest probability, on validation (where the thresholds are chosen) and on ``test``;
+  CIs resample patients."""
   from lungct.data import pipeline
-  p = pipeline.patient_level(pred["prob"], pred["label"], pred["patient_id"])
-  return {"n_patients": int(len(p["prob"])), "max_studies_per_patient": int(p["count"].max(initial=0)),
-          "threshold": float(threshold),
-          "metrics": metrics.metrics_with_ci(p["label"], p["prob"], threshold, groups=p["patient_id"],
-                                             n_boot=n_boot, seed=seed)}
+  pv = pipeline.patient_level(val["prob"], val["label"], val["patient_id"])
+  pt = pipeline.patient_level(test["prob"], test["label"], test["patient_id"])
+  return {"level": "patient", "n_patients": int(len(pt["prob"])),
+          "n_positive": int(np.sum(pt["label"] == 1)),
+          "max_studies_per_patient": int(pt["count"].max(initial=0)),
+          "operating_points": operating_point_table(
+              pv["label"], pv["prob"], pt["label"], pt["prob"], pt["patient_id"], level="patient",
+              n_boot=n_boot, seed=seed, sensitivity_targets=sensitivity_targets),
+          "decision_curve": metrics.decision_curve(pt["label"], pt["prob"], dca_thresholds,
+                                                   groups=pt["patient_id"], n_boot=n_boot, seed=seed)}
+
+
+def decision_threshold(result: dict) -> tuple[float, str]:
+  """(threshold, rule) for per-case decisions: Youden's J on validation, else 0.5 when it is undefined."""
+  youden = result["operating_points"]["youden"]
+  if youden.get("threshold") is not None:
+    return float(youden["threshold"]), "youden"
+  return 0.5, f"default@0.5 ({youden['undefined']})"
 
 
 def write_predictions(path: str, pred: dict, threshold: float = 0.5) -> None:
@@ -153,16 +260,19 @@ def write_predictions(path: str, pred: dict, threshold: float = 0.5) -> None:
         w.writerow([pred["study_id"][i], pred["patient_id"][i], int(pred["grade"][i]),
                     int(np.argmax(pred["prob"][i]))] + [f"{p:.6f}" for p in pred["prob"][i]])
     else:
-      w.writerow(["study_id", "patient_id", "label", "probability", "prediction", "threshold"])
+      raw = pred.get("prob_uncalibrated")
+      w.writerow(["study_id", "patient_id", "label", "probability", "prediction", "threshold"]
+                 + (["probability_uncalibrated"] if raw is not None else []))
       for i in range(len(pred["prob"])):
         p = float(pred["prob"][i])
         w.writerow([pred["study_id"][i], pred["patient_id"][i], int(pred["label"][i]), f"{p:.6f}",
-                    int(p >= threshold), threshold])
+                    int(p >= threshold), threshold] + ([f"{float(raw[i]):.6f}"] if raw is not None else []))
 
 
 def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: str) -> dict:
-  """--mode=eval: thresholds chosen on validation, ``split`` evaluated with CIs; eval_<split>.json and
-  predictions_<split>.csv in the workdir (written by the main process only)."""
+  """--mode=eval: thresholds (and, with eval.calibration="temperature", a temperature) chosen on validation,
+  ``split`` evaluated with CIs at study and patient level; eval_<split>.json (which names the checkpoint: path,
+  step and a fingerprint of its arrays) and predictions_<split>.csv in the workdir (main process only)."""
   config = predictor.config
   v = predictor.variables
   apply = make_apply(v.graphdef, predictor.mesh, config)
@@ -170,13 +280,17 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
   test = val if split == "validation" else predict_split(apply, v, predictor.mesh, sources[split], config)
   if config.data.label == "binary":
     result = with_confidence(val, test, n_boot=config.eval.n_boot, seed=config.seed,
-                             sensitivity_targets=tuple(config.eval.sensitivity_targets))
-    threshold = result["operating_points"]["youden"]["threshold"]
-    result["patient_level"] = patient_level(test, threshold, n_boot=config.eval.n_boot, seed=config.seed)
+                             sensitivity_targets=tuple(config.eval.sensitivity_targets),
+                             calibration=config.eval.get("calibration", "none"))
+    result["class_names"] = list(class_names(config))
+    if result["recalibration"].get("temperature") is not None:
+      test = {**test, "prob_uncalibrated": test["prob"], "prob": calibrated(test["prob"], result["recalibration"])}
+    threshold, rule = decision_threshold(result)
   else:
     result = {"n": int(len(test["grade"])), "metrics": metrics.multiclass_metrics(test["grade"], test["prob"])}
-    threshold = 0.5
-  result.update(split=split, checkpoint=predictor.checkpoint, checkpoint_step=predictor.step)
+    threshold, rule = 0.5, "argmax"
+  result.update(split=split, checkpoint=predictor.checkpoint, checkpoint_step=predictor.step,
+                checkpoint_fingerprint=checkpoint.fingerprint(v.params, v.batch_stats), decision_rule=rule)
   if runtime.is_main_process():
     with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
       json.dump(metrics.json_safe(result), f, indent=2, allow_nan=False)
@@ -187,16 +301,55 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
   return result
 
 
+def load_eval(workdir: str, split: str, predictor: runtime.Predictor) -> tuple[dict | None, str]:
+  """(eval_<split>.json, "") when --mode=eval wrote it for ``predictor``'s checkpoint (same fingerprint of
+  the arrays) with the current eval.calibration; else (None, why it cannot be used)."""
+  path = os.path.join(workdir, f"eval_{split}.json")
+  if not os.path.exists(path):
+    return None, f"no {path}"
+  with open(path) as f:
+    ev = json.load(f)
+  v = predictor.variables
+  mine = checkpoint.fingerprint(v.params, v.batch_stats)
+  if ev.get("checkpoint_fingerprint") != mine:
+    return None, (f"{path} was written for checkpoint {ev.get('checkpoint')} (step {ev.get('checkpoint_step')}, "
+                  f"fingerprint {ev.get('checkpoint_fingerprint')}), not for {predictor.checkpoint} "
+                  f"(step {predictor.step}, fingerprint {mine})")
+  method = predictor.config.eval.get("calibration", "none")
+  if ev.get("recalibration", {}).get("method", "none") != method:
+    return None, (f"{path} was written with eval.calibration="
+                  f"{ev.get('recalibration', {}).get('method', 'none')!r}, not {method!r}")
+  return ev, ""
+
+
+def _ci(m: dict) -> str:
+  return "undefined" if m["value"] is None or not np.isfinite(m["value"]) else \
+      f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
+
+
 def _summary_line(split, result) -> str:
-  lines = [f"{split}: {result['n']} cases ({result['n_positive']} abnormal)"]
-  for name, op in result["operating_points"].items():
-    m = op["metrics"]
-    f = lambda k: f"{m[k]['value']:.3f} [{m[k]['lo']:.3f}, {m[k]['hi']:.3f}]"  # noqa: E731
-    lines.append(f"  {name:>14} (t={op['threshold']:.3f}): AUC {f('roc_auc')}  sens {f('sensitivity')}  "
-                 f"spec {f('specificity')}  acc {f('accuracy')}")
+  names = result.get("class_names", ["negative", "positive"])
+  lines = [f"{split}: {result['n']} studies ({result['n_positive']} {names[1]}), per study "
+           f"(thresholds chosen on per-study validation scores):"]
+  rec = result.get("recalibration", {})
+  if rec.get("temperature") is not None:
+    lines.append(f"  temperature {rec['temperature']:.3f} fitted on validation: ECE {_ci(rec['before']['ece'])} "
+                 f"-> {_ci(rec['after']['ece'])}")
+  elif rec.get("undefined"):
+    lines.append(f"  recalibration: {rec['undefined']}")
+
+  def table(ops):
+    for name, op in ops.items():
+      if op.get("threshold") is None:
+        lines.append(f"  {name:>14}: undefined ({op['undefined']})")
+        continue
+      m = op["metrics"]
+      lines.append(f"  {name:>14} (t={op['threshold']:.3f}): AUC {_ci(m['roc_auc'])}  sens {_ci(m['sensitivity'])}  "
+                   f"spec {_ci(m['specificity'])}  acc {_ci(m['accuracy'])}")
+  table(result["operating_points"])
   pl = result.get("patient_level")
   if pl and pl["max_studies_per_patient"] > 1:
-    m = pl["metrics"]
-    lines.append(f"  per patient ({pl['n_patients']} patients, max over their studies): AUC "
-                 f"{m['roc_auc']['value']:.3f} [{m['roc_auc']['lo']:.3f}, {m['roc_auc']['hi']:.3f}]")
+    lines.append(f"per patient ({pl['n_patients']} patients, {pl['n_positive']} {names[1]}; a patient scores its "
+                 f"highest study; thresholds chosen on per-patient validation scores):")
+    table(pl["operating_points"])
   return "\n".join(lines)

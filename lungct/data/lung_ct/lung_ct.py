@@ -55,7 +55,7 @@ MAX_SKIP_LINES = 10
 # Data-config keys that do not change the written data (loader, augmentation, paths
 # of the output, label interpretation); every other key goes into the config name's hash.
 _NOT_DATA_KEYS = frozenset(
-    {"data_dir", "num_threads", "prefetch", "augment", "label", "num_classes", "on_bad_scan",
+    {"data_dir", "num_threads", "prefetch", "augment", "label", "num_classes", "class_names", "on_bad_scan",
      "build_workers", "beam_options"})
 _SOURCE_KEYS = {
     "synthetic": {"num_scans", "phantom_seed", "phantom_shape"},
