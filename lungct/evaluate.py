@@ -265,7 +265,11 @@ def score_fold(config, fold_dir: str, task, select_src, heldout_src) -> tuple[di
   task.run_eval(predictor, {"validation": select_src, "heldout": heldout_src}, fold_dir, "heldout")
   if _is_binary_cases(cases):
     val = task.evaluate(apply, v, predictor.mesh, select_src, predictor.config)[1]
-    cases = {**cases, "threshold": np.full(len(cases["prob"]), metrics.youden_threshold(val["label"], val["prob"]))}
+    t = metrics.youden_threshold(val["label"], val["prob"])
+    rule = "youden"
+    if not np.isfinite(t):  # the selection split lacks a class: said in the table, not hidden as NaN decisions
+      t, rule = 0.5, "0.5 (the selection split has one class: no Youden threshold)"
+    cases = {**cases, "threshold": np.full(len(cases["prob"]), t), "rule": np.full(len(cases["prob"]), rule)}
   return summary, cases
 
 
@@ -283,12 +287,13 @@ def pool_out_of_fold(task, oof: list, config, workdir: str) -> dict:
   n_boot, seed = int(config.eval.n_boot), int(config.seed)
   if all(_is_binary_cases(c) for c in oof):
     cat = {k: np.concatenate([np.asarray(c[k]) for c in oof]) for k in ("prob", "label", "study_id",
-                                                                         "patient_id", "threshold")}
+                                                                         "patient_id", "threshold", "rule")}
     fold = np.concatenate([np.full(len(c["prob"]), i) for i, c in enumerate(oof)])
     y, p, g = cat["label"].astype(int), cat["prob"].astype(float), cat["patient_id"]
     decision = (p >= cat["threshold"]).astype(int)
     with_ci = metrics.metrics_with_ci(y, p, 0.5, groups=g, n_boot=n_boot, seed=seed)
     out = {"level": "study", "n": int(len(y)), "n_positive": int(y.sum()),
+           "threshold_rules": sorted(set(cat["rule"].tolist())),
            "n_patients": int(len(set(g.tolist()))),
            **{k: with_ci[k] for k in ("roc_auc", "pr_auc", "brier")}}
     share = lambda x: float(np.mean(x)) if len(x) else float("nan")  # noqa: E731
@@ -300,10 +305,11 @@ def pool_out_of_fold(task, oof: list, config, workdir: str) -> dict:
     if runtime.is_main_process():
       with open(os.path.join(workdir, "oof_predictions.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["fold", "study_id", "patient_id", "label", "probability", "threshold", "prediction"])
+        w.writerow(["fold", "study_id", "patient_id", "label", "probability", "threshold", "prediction",
+                    "threshold_rule"])
         for i in range(len(y)):
           w.writerow([int(fold[i]), cat["study_id"][i], cat["patient_id"][i], int(y[i]), f"{p[i]:.6f}",
-                      f"{cat['threshold'][i]:.6f}", int(decision[i])])
+                      f"{cat['threshold'][i]:.6f}", int(decision[i]), cat["rule"][i]])
     return out
   if all(isinstance(c, dict) and isinstance(c.get("cases"), list) for c in oof):
     rows = [{"fold": i, **case} for i, c in enumerate(oof) for case in c["cases"]]
@@ -339,6 +345,9 @@ def pooled_lines(pooled: dict) -> list[str]:
   for name, v in pooled.items():
     if isinstance(v, dict) and "value" in v:
       lines.append(f"| {name} | {_ci(v)} |")
+  if pooled.get("threshold_rules"):
+    lines += ["", "`@fold_youden`: each study decided at its own fold's threshold, chosen on that fold's selection "
+              f"split ({'; '.join(pooled['threshold_rules'])})."]
   return lines
 
 
