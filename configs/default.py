@@ -29,7 +29,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.target_spacing = ()           # mm per voxel: one number (isotropic) or (z, y, x); empty = keep the scan's
   d.fit = "resize"                # resize (stretch to shape) | crop_or_pad (keep mm; pad with air, -1000 HU)
   d.crop_center = "center"        # crop_or_pad: center | mask (centre of the lesion mask's bounding box)
-  d.min_extent_mm = 5.0           # a scan must span >= this many mm along every axis (else skipped, reported)
+  d.min_extent_mm = 0.0           # optional floor: skip scans spanning less (mm, any axis); 0 = none
   d.split_fractions = (0.7, 0.15, 0.15)  # train / validation / test, by patient (medmnist keeps its own)
   d.split_seed = 0
   d.on_bad_scan = "skip"          # skip | fail
@@ -121,6 +121,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""            # --mode=predict: a .nii/.nii.gz file or a folder of them
   c.predict.threshold = -1.0      # < 0: Youden threshold from --mode=eval if present, else 0.5
+  c.predict.lesions = ""          # CSV filename,mask or filename,x,y,z[,coords]: each scan's lesion, needed by
+                                  # models trained on crops centred on the mask (data.crop_center="mask")
 
   c.cv = ml_collections.ConfigDict()
   c.cv.folds = 5                  # --mode=cv: k, over train+validation, grouped by patient, stratified by label

@@ -275,6 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
     print(moved)
   latest, best = checkpoint.managers(workdir, keep=tc.keep_checkpoints, best_metric=f"val_{task.BEST_METRIC}")
   config_json = runtime.saved_config_json(config)
+  dataset_id = runtime.dataset_identity(config)  # lists the data (no volume read); resume compares it
   if not config.resume and latest.latest_step() is not None:
     raise checkpoint.CheckpointError(
         f"{workdir} already holds checkpoints and config.resume=False: use a new --workdir.")
@@ -296,6 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   if config.resume:
     def check_meta(m):
       config_check.same_run(m.get("config", {}), config_json, workdir)
+      config_check.same_dataset(m, dataset_id, config_json, workdir)
       check_schedule_horizon(tc, m.get("bookkeeping", {}).get("total_steps"), total_steps, workdir)
     restored = checkpoint.restore(latest, state, check_meta=check_meta)
     if restored is not None:
@@ -385,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
           progress.write(f"step {step}: " + "  ".join(
               f"val {k} {val[k]:.4f}" for k in _headline(val, task.BEST_METRIC)) + (" *" if improved else ""))
       if will_save:
-        meta = {"config": config_json, "bookkeeping": book}
+        meta = {"config": config_json, "bookkeeping": book, "dataset": dataset_id}
         checkpoint.save(latest, step, state, meta)
         if val is not None and book["best_step"] == step:  # only an improvement replaces the best
           checkpoint.save(best, step, state, meta, metrics={f"val_{task.BEST_METRIC}": book["best"]})
