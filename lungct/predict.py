@@ -1,14 +1,15 @@
-"""--mode=predict: raw scans -> probability, decision and a Grad-CAM overlay per scan (classification).
+"""--mode=predict: raw scans -> one row of predictions.csv per scan, written by the task (classification:
+probability, decision and a Grad-CAM overlay; segmentation: a mask NIfTI and the lesion volume; attributes:
+every predicted attribute).
 
 The model is restored for inference with the data settings it was trained with, and each scan goes through
 `preprocess.model_input`, the function the dataset build stores examples with: the model sees here exactly the
-values it saw in training. A scan that cannot be read is reported and skipped.
+values it saw in training. A scan that cannot be read is reported and skipped (a row with its error).
 """
 from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 import re
 from typing import Sequence
@@ -16,7 +17,7 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
-from lungct import interpret, runtime, tasks, viz
+from lungct import runtime, tasks
 from lungct.data import nifti, preprocess
 
 SCAN_PATTERNS = ("*.nii", "*.nii.gz")
@@ -45,72 +46,34 @@ def scan_input(path: str, data_cfg) -> np.ndarray:
   return preprocess.model_input(nifti.load_scan(path), data_cfg)
 
 
-def choose_threshold(config: ml_collections.ConfigDict, workdir: str) -> tuple[float, str]:
-  """config.predict.threshold if set (>= 0); else the Youden threshold --mode=eval chose on validation; else 0.5."""
-  if config.predict.threshold >= 0:
-    return float(config.predict.threshold), "config.predict.threshold"
-  for name in ("eval_test.json", "eval_validation.json"):
-    path = os.path.join(workdir, name)
-    if os.path.exists(path):
-      with open(path) as f:
-        return float(json.load(f)["operating_points"]["youden"]["threshold"]), f"Youden's J on validation ({name})"
-  return 0.5, "default 0.5 (run --mode=eval first to choose one on validation)"
-
-
-def restore_binary_classifier(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str,
-                              explicit: Sequence[str], mode: str):
-  """(predictor, task) for predict/report: the checkpoint restored for inference, which must be a binary
-  classifier (TaskError naming the mode otherwise)."""
-  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit,
-                                            num_outputs=tasks.num_outputs)
-  task = tasks.check_mode(predictor.config, mode)
-  if predictor.config.data.label != "binary":
-    raise tasks.TaskError(f"--mode={mode} covers binary classifiers (config.data.label='binary')")
-  return predictor, task
-
-
 def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
                   explicit: Sequence[str] = ()) -> list[dict]:
-  predictor, task = restore_binary_classifier(config, workdir, checkpoint_path, explicit, "predict")
+  predictor, task = tasks.restore(config, workdir, checkpoint_path, explicit, "predict")
   config = predictor.config
   files = list_scans(config.predict.input)
-  v = predictor.variables
-  apply = task.make_apply(v.graphdef, predictor.mesh, config)
-  threshold, why = choose_threshold(config, workdir)
   out_dir = os.path.join(workdir, "predictions")
   main = runtime.is_main_process()
   if main:
     os.makedirs(out_dir, exist_ok=True)
     print(f"Checkpoint {predictor.checkpoint}; data prepared as in training: shape {tuple(config.data.shape)}, "
-          f"HU window {tuple(config.data.hu_window)}. Decision threshold {threshold:.3f} ({why}).")
+          f"HU window {tuple(config.data.hu_window)}.")
+  predict_one = task.scan_predictor(predictor, workdir, out_dir)
   rows = []
-  n = runtime.data_size(predictor.mesh)
   for path in files:
     try:
-      image = scan_input(path, config.data)[None]
+      scan = nifti.load_scan(path)
+      image = preprocess.model_input(scan, config.data)[None]
     except nifti.ScanError as e:
       print(f"SKIPPED {e}")
-      rows.append({"file": path, "probability": "", "decision": "", "error": e.reason})
+      rows.append({"file": path, "error": e.reason})
       continue
-    batch = np.repeat(image, n, axis=0)  # one copy per batch shard keeps the batch shardable
-    prob = float(runtime.fetch(apply(v.params, v.batch_stats,
-                                     runtime.to_global(predictor.mesh, runtime.host_slice(batch))))[0])
-    decision = "abnormal" if prob >= threshold else "normal"
-    row = {"file": path, "probability": f"{prob:.6f}", "decision": decision, "error": ""}
-    if main:
-      cam = np.asarray(interpret.grad_cam(v.graphdef, v.params, v.batch_stats, image,
-                                          layer=config.eval.gradcam_layer or None))[0]
-      name = output_name(path, config.predict.input)
-      png = os.path.join(out_dir, f"{name}_gradcam.png")
-      viz.save(viz.overlay_slices(image[0, ..., 0], cam, num_slices=6,
-                                  title=f"{name}: P(abnormal)={prob:.3f} -> {decision} (t={threshold:.2f}); "
-                                        f"Grad-CAM"), png)
-      print(f"{path}: P(abnormal) = {prob:.3f} -> {decision}   overlay: {png}")
-    rows.append(row)
+    rows.append({"file": path, **predict_one(scan, image, output_name(path, config.predict.input)), "error": ""})
+  fields = list(dict.fromkeys(["file"] + [k for r in rows for k in r if k != "error"] + ["error"]))
+  rows = [{k: r.get(k, "") for k in fields} for r in rows]
   if main:
     csv_path = os.path.join(workdir, "predictions.csv")
     with open(csv_path, "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=["file", "probability", "decision", "error"])
+      w = csv.DictWriter(f, fieldnames=fields)
       w.writeheader()
       w.writerows(rows)
     skipped = sum(1 for r in rows if r["error"])

@@ -250,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   book = {"best": None, "best_step": -1, "evals_without_improvement": 0}
   if config.resume:
     restored = checkpoint.restore(latest, state, check_meta=lambda m: config_check.same_run(
-        m.get("config", {}), config_json, workdir))
+        m.get("config", {}), config_json, workdir, task.EXECUTION_KEYS))
     if restored is not None:
       state, meta = restored
       book.update(meta.get("bookkeeping", {}))
@@ -334,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
           book["evals_without_improvement"] += 1
         if is_main:
           progress.write(f"step {step}: " + "  ".join(
-              f"val {k} {val[k]:.4f}" for k in _headline(val, task.BEST_METRIC)) + (" *" if improved else ""))
+              f"val {k} {val[k]:.4f}" for k in _headline(val, task)) + (" *" if improved else ""))
       if will_save:
         meta = {"config": config_json, "bookkeeping": book}
         checkpoint.save(latest, step, state, meta)
@@ -377,8 +377,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   return summary
 
 
-def _headline(val: dict, best_metric: str) -> list[str]:
-  return [k for k in ("loss", best_metric, "accuracy", "iou", "hd95") if k in val]
+def _headline(val: dict, task) -> list[str]:
+  """The validation metrics printed at each evaluation: loss, the best metric, then the task's headline ones."""
+  keys = ("loss", task.BEST_METRIC, *task.HEADLINE_METRICS)
+  return [k for k in dict.fromkeys(keys) if k in val]
 
 
 def _check_finite(window: list[dict], step: int, on_nan: str, workdir: str, last_good_step: int | None) -> None:

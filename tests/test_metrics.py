@@ -397,3 +397,15 @@ def test_hausdorff95_of_a_shifted_cube():
   assert metrics.hausdorff95(cube, empty) == np.inf
   with pytest.raises(ValueError, match="spacing"):
     metrics.hausdorff95(cube, cube, spacing=(1.0, 1.0))
+
+
+def test_patient_level_is_the_max_over_nodules():
+  prob = [0.1, 0.8, 0.3, 0.2, 0.6]
+  label = [0, 1, 0, 0, 0]
+  pids = ["b", "a", "a", "c", b"c"]
+  out = metrics.patient_level(prob, label, pids)
+  assert out["patient_id"].tolist() == ["a", "b", "c"]
+  np.testing.assert_allclose(out["prob"], [0.8, 0.1, 0.6])
+  assert out["label"].tolist() == [1, 0, 0] and out["count"].tolist() == [2, 1, 2]
+  with pytest.raises(ValueError, match="differ in length"):
+    metrics.patient_level([0.1], [0, 1], ["a"])

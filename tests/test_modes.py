@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lungct import config_check, evaluate, predict, report, runtime, tasks, train
+from lungct.tasks import classify
 from lungct.data import phantom
 from tests.helpers import tiny_config
 
@@ -67,10 +68,10 @@ def test_inference_takes_data_and_model_settings_from_the_checkpoint(trained):
   other = c.copy_and_resolve_references()
   other.data.shape = (48, 64, 64)           # e.g. the config file's default, not what the model was trained at
   other.model.dense = 32
-  m = runtime.restore_for_inference(other, workdir, num_outputs=tasks.num_outputs)
+  m = runtime.restore_for_inference(other, workdir, task_of=tasks.get)
   assert tuple(m.config.data.shape) == tuple(c.data.shape) and m.config.model.dense == c.model.dense
   with pytest.raises(config_check.ConfigError, match="data.shape"):  # said explicitly: refused, one line
-    runtime.restore_for_inference(other, workdir, explicit=["data.shape"], num_outputs=tasks.num_outputs)
+    runtime.restore_for_inference(other, workdir, explicit=["data.shape"], task_of=tasks.get)
 
 
 def test_eval_survives_a_changed_optimizer_schedule_and_freeze(trained, tmp_path):
@@ -100,7 +101,7 @@ def test_report_is_self_contained_html(trained):
 
 def test_per_100_wording():
   m = {"sensitivity": {"value": 0.9}, "specificity": {"value": 0.75}}
-  text = report.per_100(m)
+  text = classify.per_100(m)
   assert "flags about <b>90</b>" in text and "misses about <b>10</b>" in text
   assert "clears about <b>75</b>" in text and "wrongly flags about <b>25</b>" in text
 

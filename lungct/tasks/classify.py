@@ -15,12 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lungct import metrics, runtime
+from lungct import inferers, metrics, runtime
 from lungct.data import augment as augment_lib
 
 NAME = "classify"
 MODES = ("train", "eval", "cv", "predict", "report")
 BEST_METRIC = "auc"
+HEADLINE_METRICS = ("accuracy",)
+CONFIG = "configs/default.py"   # its reference config (with a seconds-long `:tiny` variant)
+CONFIG_GROUP = ""        # its settings live in data (label, num_classes) and train (class_weights)
+EXECUTION_KEYS = ()
 
 
 def check(config) -> list[str]:
@@ -84,7 +88,8 @@ def make_apply(graphdef, mesh, config):
 def predict_split(apply, variables: runtime.Variables, mesh, source, config) -> dict[str, np.ndarray]:
   """Probabilities and identities of every example of ``source``, exactly once."""
   out: dict[str, list] = {k: [] for k in ("prob", "label", "grade", "study_id", "patient_id")}
-  for probs, batch in runtime.predict_batches(apply, variables, mesh, source, config.train.batch_size):
+  for probs, batch in inferers.whole_volume_batches(apply, variables, mesh, source,
+                                                           config.train.batch_size):
     out["prob"].append(probs)
     for k in ("label", "grade", "study_id", "patient_id"):
       out[k].append(batch[k])
@@ -135,8 +140,7 @@ def with_confidence(val: dict, test: dict, *, n_boot: int = 1000, seed: int = 0,
 def patient_level(pred: dict, threshold: float, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
   """Per-patient metrics when a patient has several studies (e.g. nodules): a patient is positive if any of
   its studies is, and scores its highest probability; CIs resample patients."""
-  from lungct.data import pipeline
-  p = pipeline.patient_level(pred["prob"], pred["label"], pred["patient_id"])
+  p = metrics.patient_level(pred["prob"], pred["label"], pred["patient_id"])
   return {"n_patients": int(len(p["prob"])), "max_studies_per_patient": int(p["count"].max(initial=0)),
           "threshold": float(threshold),
           "metrics": metrics.metrics_with_ci(p["label"], p["prob"], threshold, groups=p["patient_id"],
@@ -200,3 +204,182 @@ def _summary_line(split, result) -> str:
     lines.append(f"  per patient ({pl['n_patients']} patients, max over their studies): AUC "
                  f"{m['roc_auc']['value']:.3f} [{m['roc_auc']['lo']:.3f}, {m['roc_auc']['hi']:.3f}]")
   return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- --mode=predict
+
+def _need_binary(config, mode: str) -> None:
+  if config.data.label != "binary":
+    from lungct import config_check
+    raise config_check.ConfigError(f"config.data.label={config.data.label!r}: --mode={mode} covers binary "
+                                   f"classifiers (config.data.label='binary')")
+
+
+def choose_threshold(config, workdir: str) -> tuple[float, str]:
+  """config.predict.threshold if set (>= 0); else the Youden threshold --mode=eval chose on validation; else 0.5."""
+  if config.predict.threshold >= 0:
+    return float(config.predict.threshold), "config.predict.threshold"
+  for name in ("eval_test.json", "eval_validation.json"):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        return float(json.load(f)["operating_points"]["youden"]["threshold"]), f"Youden's J on validation ({name})"
+  return 0.5, "default 0.5 (run --mode=eval first to choose one on validation)"
+
+
+def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
+  """Per scan: P(abnormal), the decision at the chosen threshold, and a Grad-CAM overlay PNG in ``out_dir``."""
+  from lungct import interpret, viz
+  config = predictor.config
+  _need_binary(config, "predict")
+  v = predictor.variables
+  apply = make_apply(v.graphdef, predictor.mesh, config)
+  threshold, why = choose_threshold(config, workdir)
+  main = runtime.is_main_process()
+  if main:
+    print(f"Decision threshold {threshold:.3f} ({why}).")
+  n = runtime.data_size(predictor.mesh)
+
+  def predict_one(scan, image: np.ndarray, name: str) -> dict:
+    batch = np.repeat(image, n, axis=0)  # one copy per batch shard keeps the batch shardable
+    prob = float(runtime.fetch(apply(v.params, v.batch_stats,
+                                     runtime.to_global(predictor.mesh, runtime.host_slice(batch))))[0])
+    decision = "abnormal" if prob >= threshold else "normal"
+    if main:
+      cam = np.asarray(interpret.grad_cam(v.graphdef, v.params, v.batch_stats, image,
+                                          layer=config.eval.gradcam_layer or None))[0]
+      png = os.path.join(out_dir, f"{name}_gradcam.png")
+      viz.save(viz.overlay_slices(image[0, ..., 0], cam, num_slices=6,
+                                  title=f"{name}: P(abnormal)={prob:.3f} -> {decision} (t={threshold:.2f}); "
+                                        f"Grad-CAM"), png)
+      print(f"{scan.path}: P(abnormal) = {prob:.3f} -> {decision}   overlay: {png}")
+    return {"probability": f"{prob:.6f}", "decision": decision}
+  return predict_one
+
+
+# ----------------------------------------------------------------------------- --mode=report
+
+LIMITATIONS = [
+    "Thresholds were chosen on the validation split and applied unchanged to the test split; a new site, "
+    "scanner or population needs its own validation before any threshold is trusted.",
+    "Heatmaps (Grad-CAM) show where the model's evidence came from, not where disease is; they can highlight "
+    "artefacts.",
+]
+
+
+def fmt_ci(m: dict) -> str:
+  return f"{m['value']:.3f} ({m['lo']:.3f}–{m['hi']:.3f})" if np.isfinite(m["value"]) else "n/a"
+
+
+def per_100(op_metrics: dict) -> str:
+  """Sensitivity and specificity as counts out of 100 patients with and 100 without the finding."""
+  sens, spec = op_metrics["sensitivity"]["value"], op_metrics["specificity"]["value"]
+  if not (np.isfinite(sens) and np.isfinite(spec)):
+    return "Not enough cases of both kinds to express this threshold per 100 patients."
+  return (f"Of 100 patients <b>with</b> the finding, the model flags about <b>{round(100 * sens)}</b> and misses "
+          f"about <b>{100 - round(100 * sens)}</b> (sensitivity {sens:.2f}). Of 100 patients <b>without</b> it, "
+          f"the model clears about <b>{round(100 * spec)}</b> and wrongly flags about <b>{100 - round(100 * spec)}"
+          f"</b> (specificity {spec:.2f}).")
+
+
+def make_figures(config, ev: dict, test_pred: dict, out_dir: str) -> dict[str, str]:
+  from lungct import viz
+  figs = {}
+  ops = ev["operating_points"]
+  y, p = test_pred["label"], test_pred["prob"]
+  points = []
+  for name, op in ops.items():
+    m = op["metrics"]
+    points.append({"name": name, "fpr": 1 - m["specificity"]["value"], "tpr": m["sensitivity"]["value"],
+                   "threshold": op["threshold"]})
+  auc = ops["youden"]["metrics"]["roc_auc"]["value"]
+  figs["ROC curve"] = viz.save(viz.roc_curve(np.asarray(ev["roc"]["fpr"]), np.asarray(ev["roc"]["tpr"]), auc=auc,
+                                             operating_points=points), os.path.join(out_dir, "roc.png"))
+  t = ops["youden"]["threshold"]
+  cm = metrics.confusion_matrix(y, (p >= t).astype(int))
+  figs["Confusion matrix (Youden threshold)"] = viz.save(
+      viz.confusion_matrix(cm, title=f"Test set, threshold {t:.3f}"), os.path.join(out_dir, "confusion.png"))
+  cal = ev["calibration"]
+  ece = ops["youden"]["metrics"]["ece"]["value"]
+  figs["Reliability diagram"] = viz.save(
+      viz.reliability_diagram(np.asarray(cal["bin_confidence"], float), np.asarray(cal["bin_accuracy"], float),
+                              np.asarray(cal["bin_counts"]), ece=ece), os.path.join(out_dir, "reliability.png"))
+  return figs
+
+
+def gradcam_figures(config, predictor: runtime.Predictor, source, test_pred: dict, threshold: float,
+                    out_dir: str) -> dict[str, str]:
+  """Grad-CAM overlays for the most confident true/false positives/negatives of the test split."""
+  from lungct import interpret, viz
+  from lungct.data import pipeline
+  picks = interpret.explain_cases(test_pred["prob"], test_pred["label"], test_pred["study_id"], threshold=threshold)
+  v = predictor.variables
+  figs = {}
+  names = {"true_positive": "True positive", "false_positive": "False positive",
+           "false_negative": "False negative", "true_negative": "True negative"}
+  for category, idx in picks.items():
+    for j in np.asarray(idx)[:1]:
+      sid = test_pred["study_id"][j]
+      ex = pipeline.decode(source[int(j)])  # predict_split keeps the source's order
+      image = ex["image"][None]
+      cam = np.asarray(interpret.grad_cam(v.graphdef, v.params, v.batch_stats, image,
+                                          layer=config.eval.gradcam_layer or None))[0]
+      mask = ex["mask"][..., 0] if "mask" in ex and np.any(ex["mask"]) else None
+      title = f"{names.get(category, category)}: {sid}, P(abnormal)={test_pred['prob'][j]:.2f}, label {test_pred['label'][j]}"
+      figs[f"{names.get(category, category)} ({sid})"] = viz.save(
+          viz.overlay_slices(image[0, ..., 0], cam, num_slices=6, mask=mask, title=title),
+          os.path.join(out_dir, f"gradcam_{category}.png"))
+  return figs
+
+
+METRIC_ROWS = [("roc_auc", "ROC-AUC"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
+               ("ppv", "PPV (precision)"), ("npv", "NPV"), ("accuracy", "Accuracy"),
+               ("balanced_accuracy", "Balanced accuracy"), ("f1", "F1"), ("pr_auc", "PR-AUC"),
+               ("brier", "Brier score"), ("ece", "Calibration error (ECE)")]
+
+
+def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, out_dir: str) -> dict:
+  """The report's classification part: metrics with CIs at each operating point, per-100-patients wording,
+  ROC / confusion / reliability figures and Grad-CAM for true/false positives/negatives (eval run if missing)."""
+  config = predictor.config
+  _need_binary(config, "report")
+  ev_path = os.path.join(workdir, "eval_test.json")
+  if not os.path.exists(ev_path):
+    run_eval(predictor, sources, workdir, "test")
+  with open(ev_path) as f:
+    ev = metrics.null_to_nan(json.load(f))
+  v = predictor.variables
+  test_pred = predict_split(make_apply(v.graphdef, predictor.mesh, config), v, predictor.mesh, sources["test"], config)
+  figs = make_figures(config, ev, test_pred, out_dir)
+  figs.update(gradcam_figures(config, predictor, sources["test"], test_pred,
+                              ev["operating_points"]["youden"]["threshold"], out_dir))
+  ops = ev["operating_points"]
+  head = ["Metric"] + [f"{name}<br>(t = {op['threshold']:.3f})" for name, op in ops.items()]
+  rows = [[label] + [fmt_ci(op["metrics"][key]) for op in ops.values()] for key, label in METRIC_ROWS]
+  rows.append(["TP / FP / TN / FN"] + [_counts(op) for op in ops.values()])
+  interp = [f"<b>{name}</b> (threshold {op['threshold']:.3f}): {per_100(op['metrics'])}" for name, op in ops.items()]
+  return {
+      "title": "normal vs abnormal chest CT",
+      "test_line": f"Test set: {ev['n']} studies from {ev['n_patients']} patients, {ev['n_positive']} abnormal.",
+      "checkpoint_step": ev.get("checkpoint_step"),
+      "sections": [
+          ("Results on the test split", [
+              ("p", f"Values are point estimates with 95% bootstrap confidence intervals (patients resampled, "
+                    f"{config.eval.n_boot} draws). Each column is one operating threshold chosen on the validation "
+                    f"split: the conventional 0.5, the threshold maximising sensitivity + specificity (Youden's J), "
+                    f"and the highest thresholds reaching a target sensitivity."),
+              ("table", head, rows)]),
+          ("What these numbers mean", [
+              ("ul", interp),
+              ("p", f"A lower threshold finds more disease (higher sensitivity) at the cost of more false alarms "
+                    f"(lower specificity). PPV and NPV depend on how common the finding is: in this test set "
+                    f"{ev['n_positive']} of {ev['n']} studies are abnormal; in a population where it is rarer, the "
+                    f"PPV will be lower.")])],
+      "figures": figs,
+      "limitations": LIMITATIONS,
+  }
+
+
+def _counts(op) -> str:
+  c = op["counts"]
+  return f"{c['tp']} / {c['fp']} / {c['tn']} / {c['fn']}"
