@@ -13,7 +13,7 @@ import inspect
 import types
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from lungct.tasks import classify, segment
+from lungct.tasks import attributes, classify, segment
 
 
 @runtime_checkable
@@ -72,7 +72,7 @@ class Reports(Protocol):
     """{"title": str, "sections": [(heading, html, markdown)], "figures": {caption: png path}}."""
 
 
-TASKS: dict[str, types.ModuleType] = {m.NAME: m for m in (classify, segment)}
+TASKS: dict[str, types.ModuleType] = {m.NAME: m for m in (classify, segment, attributes)}
 
 
 class TaskError(ValueError):
