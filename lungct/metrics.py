@@ -644,6 +644,131 @@ def hausdorff95(pred: Any, true: Any, spacing: Sequence[float] = (1.0, 1.0, 1.0)
   return float(max(d_pt, d_tp))
 
 
+# ----------------------------------------------------------------------------
+# Decision curve analysis (Vickers & Elkin, Med Decis Making 26(6):565-574, 2006).
+# ----------------------------------------------------------------------------
+
+# Threshold probabilities of a decision curve: 1%, 2%, ..., 99%.
+DCA_THRESHOLDS = tuple(round(0.01 * k, 2) for k in range(1, 100))
+
+
+def _check_thresholds(thresholds: Any) -> np.ndarray:
+  t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+  if t.size == 0 or np.any(~np.isfinite(t)) or np.any(t <= 0) or np.any(t >= 1):
+    raise ValueError(f"threshold probabilities must lie in (0, 1), got {t.tolist()[:5]}")
+  return t
+
+
+def _weighted_net_benefit(y: np.ndarray, p: np.ndarray, w: np.ndarray, t: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """Net benefit of the model and of treating all, (B, T) each, for case weights w (B, N)."""
+  pos = (y == 1)[:, None]
+  hit = p[:, None] >= t[None, :]
+  tp = w @ (hit & pos).astype(np.float64)
+  fp = w @ (hit & ~pos).astype(np.float64)
+  n = w.sum(axis=1)[:, None]
+  n_pos = (w @ pos.astype(np.float64))
+  odds = t / (1.0 - t)
+  model = _div(tp, n) - _div(fp, n) * odds
+  treat_all = _div(n_pos, n) - _div(n - n_pos, n) * odds
+  return model, treat_all
+
+
+def net_benefit(y: Any, p: Any, threshold: float) -> float:
+  """Net benefit of acting on ``p >= threshold``: TP/N - FP/N * t / (1 - t) (Vickers & Elkin 2006).
+
+  The threshold probability t is the risk at which a clinician is indifferent between acting and not:
+  one false positive is worth t / (1 - t) true positives. NaN for an empty set.
+  """
+  y, p = _check_binary(y, p, probabilities=True)
+  t = _check_thresholds([threshold])
+  return float(_weighted_net_benefit(y, p, np.ones((1, y.size)), t)[0][0, 0])
+
+
+def decision_curve(y: Any, p: Any, thresholds: Sequence[float] = DCA_THRESHOLDS, *, groups: Any | None = None,
+                   n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+  """Net benefit of the model, of treating all and of treating none over threshold probabilities, with
+  percentile bootstrap intervals (patients resampled when ``groups`` is given).
+
+  Returns:
+    thresholds (T,); model, treat_all, advantage: each {"value", "lo", "hi"} lists of T, where advantage is
+    the model's net benefit minus the better of treat-all and treat-none (the interval is of that difference,
+    per draw); treat_none: T zeros; prevalence; n.
+  """
+  y, p = _check_binary(y, p, probabilities=True)
+  t = _check_thresholds(thresholds)
+  model, treat_all = _weighted_net_benefit(y, p, np.ones((1, y.size)), t)
+  sampler = _Resampler(y.size, groups)
+  boots = [_weighted_net_benefit(y, p, sampler.case_weights(d), t) for d in sampler.draws(n_boot, seed)]
+  bm = np.concatenate([b[0] for b in boots]) if boots else np.zeros((0, t.size))
+  ba = np.concatenate([b[1] for b in boots]) if boots else np.zeros((0, t.size))
+
+  def interval(point: np.ndarray, boot: np.ndarray) -> dict[str, list[float]]:
+    lo_hi = [_percentile_interval(boot[:, j], alpha)[:2] for j in range(t.size)]
+    return {"value": point.tolist(), "lo": [a for a, _ in lo_hi], "hi": [b for _, b in lo_hi]}
+
+  advantage = model[0] - np.maximum(treat_all[0], 0.0)
+  return {"thresholds": t.tolist(), "model": interval(model[0], bm), "treat_all": interval(treat_all[0], ba),
+          "treat_none": [0.0] * t.size, "advantage": interval(advantage, bm - np.maximum(ba, 0.0)),
+          "prevalence": float(np.mean(y)) if y.size else float("nan"), "n": int(y.size), "n_boot": int(n_boot)}
+
+
+# ----------------------------------------------------------------------------
+# Recalibration: temperature scaling (Guo et al., ICML 2017), fitted on validation.
+# ----------------------------------------------------------------------------
+
+_PROB_EPS = 1e-7  # float32 sigmoid saturates near 1 - 6e-8: logits of stored probabilities are clipped to +-16
+
+
+def logits_of(p: Any) -> np.ndarray:
+  """Logits recovered from probabilities: log(p / (1 - p)) for (N,) P(class 1), log p for (N, K) (softmax
+  logits up to a constant per case, which softmax ignores). Probabilities are clipped to [1e-7, 1 - 1e-7]."""
+  p = np.clip(np.asarray(p, dtype=np.float64), _PROB_EPS, 1.0 - _PROB_EPS)
+  return np.log(p) - np.log1p(-p) if p.ndim == 1 else np.log(p)
+
+
+def apply_temperature(logits: Any, temperature: float) -> np.ndarray:
+  """Probabilities of ``logits / temperature``: sigmoid for (N,), softmax over the last axis for (N, K)."""
+  if not (np.isfinite(temperature) and temperature > 0):
+    raise ValueError(f"temperature must be a positive number, got {temperature}")
+  z = np.asarray(logits, dtype=np.float64) / temperature
+  if z.ndim == 1:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # sigmoid without overflow
+  z = z - z.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def _nll(y: np.ndarray, logits: np.ndarray, temperature: float) -> float:
+  z = logits / temperature
+  if z.ndim == 1:  # -[y log s(z) + (1 - y) log(1 - s(z))] = softplus(z) - y z
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+  z = z - z.max(axis=-1, keepdims=True)
+  return float(np.mean(np.log(np.exp(z).sum(axis=-1)) - z[np.arange(len(y)), y]))
+
+
+def fit_temperature(y: Any, logits: Any, *, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+  """The temperature T > 0 minimising the negative log-likelihood of ``logits / T`` on labels ``y``.
+
+  Binary: (N,) logits of class 1 and 0/1 labels; multi-class: (N, K) logits and labels in 0..K-1. T > 1
+  softens over-confident outputs, T < 1 sharpens; ranking (AUC) is unchanged. The NLL is convex in 1/T; it is
+  minimised over log T within ``bounds``. NaN when ``y`` is empty or holds one class only (nothing to fit).
+  """
+  from scipy import optimize
+  logits = np.asarray(logits, dtype=np.float64)
+  y = _as_1d(y, "y").astype(np.int64)
+  if logits.shape[0] != y.shape[0]:
+    raise ValueError(f"y and logits must have the same length, got {y.shape[0]} and {logits.shape[0]}")
+  if not np.all(np.isfinite(logits)):
+    raise ValueError("logits contain NaN or infinite values")
+  if y.size == 0 or np.unique(y).size < 2:
+    return float("nan")
+  res = optimize.minimize_scalar(lambda log_t: _nll(y, logits, math.exp(log_t)),
+                                 bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
+                                 options={"xatol": 1e-6})
+  return float(math.exp(res.x))
+
+
 # ----------------------------------------------------------------------------- strict JSON
 
 JSON_NULL_NOTE = ("null marks a value that is undefined for these data (e.g. ROC-AUC of a split with one class, "

@@ -399,6 +399,70 @@ def test_hausdorff95_of_a_shifted_cube():
     metrics.hausdorff95(cube, cube, spacing=(1.0, 1.0))
 
 
+# ----------------------------------------------------------------------------
+# Decision curves and temperature scaling.
+# ----------------------------------------------------------------------------
+
+
+def test_net_benefit_by_hand():
+  # Y4/P4 at t = 0.3: p >= 0.3 flags 0.4 (negative), 0.35 and 0.8 (positives): TP 2, FP 1 of 4.
+  assert metrics.net_benefit(Y4, P4, 0.3) == pytest.approx(2 / 4 - 1 / 4 * 0.3 / 0.7, abs=1e-12)
+  assert metrics.net_benefit(Y4, P4, 0.5) == pytest.approx(1 / 4, abs=1e-12)          # only 0.8: TP 1, FP 0
+  assert metrics.net_benefit(Y4, P4, 0.1) == pytest.approx(2 / 4 - 2 / 4 * 1 / 9, abs=1e-12)  # all flagged
+  dc = metrics.decision_curve(Y4, P4, thresholds=(0.1, 0.3, 0.5), n_boot=20)
+  np.testing.assert_allclose(dc["model"]["value"], [0.5 - 0.5 / 9, 0.5 - 0.25 * 3 / 7, 0.25], atol=1e-12)
+  # Treat all: prevalence 1/2 minus (1/2) t / (1 - t); treat none: 0.
+  np.testing.assert_allclose(dc["treat_all"]["value"], [0.5 - 0.5 / 9, 0.5 - 0.5 * 3 / 7, 0.0], atol=1e-12)
+  np.testing.assert_allclose(dc["advantage"]["value"], [0.0, 0.5 * 3 / 7 - 0.25 * 3 / 7, 0.25], atol=1e-12)
+  assert dc["treat_none"] == [0.0, 0.0, 0.0] and dc["prevalence"] == 0.5
+  with pytest.raises(ValueError, match=r"\(0, 1\)"):
+    metrics.decision_curve(Y4, P4, thresholds=(0.0, 0.5))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decision_curve_intervals_resample_patients_like_bootstrap_ci(seed):
+  y, p = _random_binary(60, seed)
+  groups = np.repeat(np.arange(20), 3)
+  dc = metrics.decision_curve(y, p, thresholds=(0.2, 0.6), groups=groups, n_boot=200, seed=seed)
+  for j, t in enumerate((0.2, 0.6)):
+    ref = metrics.bootstrap_ci(y, p, lambda a, b: metrics.net_benefit(a, b, t), groups=groups, n_boot=200,
+                               seed=seed)  # the one-draw-at-a-time path
+    assert dc["model"]["value"][j] == pytest.approx(ref.point, abs=1e-12)
+    assert dc["model"]["lo"][j] == pytest.approx(ref.lo, abs=1e-12)
+    assert dc["model"]["hi"][j] == pytest.approx(ref.hi, abs=1e-12)
+    assert dc["model"]["lo"][j] < dc["model"]["value"][j] < dc["model"]["hi"][j]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("true_t", [2.5, 0.6])
+def test_temperature_scaling_recovers_a_known_temperature(seed, true_t):
+  rng = np.random.default_rng(seed)
+  z = 2.0 * rng.standard_normal(20000)                     # calibrated logits
+  y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(int)
+  t = metrics.fit_temperature(y, z * true_t)               # the model's logits are z * T
+  assert t == pytest.approx(true_t, rel=0.05)
+  # Through stored probabilities (what eval keeps), and the calibrated probabilities are z's sigmoid again.
+  p = metrics.apply_temperature(z * true_t, 1.0)
+  assert metrics.fit_temperature(y, metrics.logits_of(p)) == pytest.approx(true_t, rel=0.05)
+  inside = np.abs(z * true_t) < 15  # stored probabilities are clipped to 1e-7 from 0 and 1 (logits +-16)
+  np.testing.assert_allclose(metrics.apply_temperature(metrics.logits_of(p), true_t)[inside],
+                             1 / (1 + np.exp(-z[inside])), atol=1e-6)
+  ece_raw = metrics.expected_calibration_error(y, p)
+  ece_cal = metrics.expected_calibration_error(y, metrics.apply_temperature(z * true_t, t))
+  assert ece_cal < 0.02 < ece_raw
+
+
+def test_temperature_scaling_multiclass_and_degenerate():
+  rng = np.random.default_rng(3)
+  z = 1.5 * rng.standard_normal((20000, 3))
+  probs = metrics.apply_temperature(z, 1.0)
+  y = np.array([rng.choice(3, p=row) for row in probs])
+  assert metrics.fit_temperature(y, z * 3.0) == pytest.approx(3.0, rel=0.05)
+  assert np.isnan(metrics.fit_temperature([1, 1, 1], [0.1, 2.0, 3.0]))  # one class: nothing to fit
+  with pytest.raises(ValueError, match="positive"):
+    metrics.apply_temperature([0.0], float("nan"))
+
+
 def test_patient_level_is_the_max_over_nodules():
   prob = [0.1, 0.8, 0.3, 0.2, 0.6]
   label = [0, 1, 0, 0, 0]
