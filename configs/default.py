@@ -30,7 +30,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.target_spacing = ()           # mm per voxel: one number (isotropic) or (z, y, x); empty = keep the scan's
   d.fit = "resize"                # resize (stretch to shape) | crop_or_pad (keep mm; pad with air, -1000 HU)
   d.crop_center = "center"        # crop_or_pad: center | mask (centre of the lesion mask's bounding box)
-  d.min_extent_mm = 5.0           # a scan must span >= this many mm along every axis (else skipped, reported)
+  d.min_extent_mm = 0.0           # optional floor: skip scans spanning less (mm, any axis); 0 = none
   d.split_fractions = (0.7, 0.15, 0.15)  # train / validation / test, by patient (medmnist keeps its own)
   d.split_seed = 0
   d.on_bad_scan = "skip"          # skip | fail
@@ -41,6 +41,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.targets = ()                  # numeric per-study targets stored with each example (NaN = missing): folder /
                                   # dicom: labels-CSV columns (e.g. ("diameter_mm", "texture")); nodules:
                                   # "diameter_mm"; synthetic: "lesion_ml" (the attributes task reads them)
+  d.class_names = ("normal", "abnormal")  # label=binary: names of label 0 and 1 (predict, tables, report, figures)
   return d
 
 
@@ -119,11 +120,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.n_boot = 1000            # bootstrap resamples (by patient) for confidence intervals
   c.eval.sensitivity_targets = (0.9, 0.95)  # extra operating points: threshold reaching this sensitivity on validation
+  c.eval.calibration = "none"     # none | temperature (fitted on validation by --mode=eval, applied by eval/predict/report)
   c.eval.gradcam_layer = "blocks.1"  # Grad-CAM layer for predict/report ("" = the last block with > 1 voxel)
 
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""            # --mode=predict: a .nii/.nii.gz file or a folder of them
   c.predict.threshold = -1.0      # < 0: Youden threshold from --mode=eval if present, else 0.5
+  c.predict.lesions = ""          # CSV filename,mask or filename,x,y,z[,coords]: each scan's lesion, needed by
+                                  # models trained on crops centred on the mask (data.crop_center="mask")
 
   c.cv = ml_collections.ConfigDict()
   c.cv.folds = 5                  # --mode=cv: k, over train+validation, grouped by patient, stratified by label

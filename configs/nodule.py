@@ -35,7 +35,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.fit = "crop_or_pad"            # keep millimetres; pad with air (-1000 HU)
   d.crop_center = "mask"           # centre on the nodule when a mask is given
   d.hu_window = (-1000.0, 400.0)   # lung window: ground glass, solid and calcified parts all visible
-  d.min_extent_mm = 5.0
+  d.class_names = ("benign", "malignant")
   d.split_fractions = (0.7, 0.15, 0.15)  # by patient
   return d
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from typing import Any, Callable
 
 import jax
@@ -36,6 +37,35 @@ def check_writable(path: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise CheckpointError(f"cannot write checkpoints to {path}: {e.strerror or e}") from e
+
+
+def _steps_on_disk(directory: str) -> list[int]:
+  """Finished steps of a manager directory (Orbax names them by the step; unfinished saves carry a suffix)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def set_aside_leftover_best(workdir: str) -> str:
+  """Renames ``best/`` to ``best.earlier-<time>/`` when ``checkpoints/`` holds nothing to resume from.
+
+  Such a best checkpoint belongs to an earlier run (or to a first save cut short): a run starting from step
+  0 next to it could be outranked by it and evaluate it as its own best. Nothing is deleted. Process 0 moves,
+  every process waits. Returns the line to print ("" when nothing was moved).
+  """
+  latest_dir, best_dir = os.path.join(workdir, LATEST_DIR), os.path.join(workdir, BEST_DIR)
+  steps = _steps_on_disk(best_dir)
+  message = ""
+  if steps and not _steps_on_disk(latest_dir):
+    dest = f"{best_dir}.earlier-{time.strftime('%Y%m%d-%H%M%S')}"
+    message = (f"{best_dir} held step {steps[-1]} of an earlier run and {latest_dir} nothing to resume: "
+               f"moved it to {dest} (never used by this run).")
+    if jax.process_index() == 0:
+      os.rename(best_dir, dest)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("lungct: leftover best set aside")
+  return message
 
 
 def managers(workdir: str, *, keep: int = 2, best_metric: str = BEST_METRIC
@@ -124,6 +154,19 @@ def read_meta(workdir: str) -> dict | None:
 def flatten(tree: Any) -> dict[str, Any]:
   return {"/".join(str(getattr(k, "key", k)) for k in path): v
           for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def fingerprint(*trees: Any) -> str:
+  """16 hex digits of SHA-256 over the arrays of ``trees`` (paths, dtypes, shapes and bytes): which weights an
+  evaluation was computed with, whatever folder they were read from."""
+  import hashlib
+  h = hashlib.sha256()
+  for i, tree in enumerate(trees):
+    for path, value in sorted(flatten(tree).items()):
+      a = np.ascontiguousarray(np.asarray(jax.device_get(value)))
+      h.update(f"{i}/{path}:{a.dtype.str}:{a.shape}".encode())
+      h.update(a.tobytes())
+  return h.hexdigest()[:16]
 
 
 def unflatten_like(flat: dict[str, Any], like: Any) -> Any:

@@ -24,12 +24,16 @@ EXECUTION_KEYS = (
     "train.num_epochs", "train.num_steps", "train.log_every_steps", "train.eval_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.progress_bar",
     "train.early_stopping_patience", "train.on_nan", "resume", "init_from", "loader", "mesh",
-    "data.data_dir", "data.manual_dir", "data.labels_csv", "data.build_workers", "data.beam_options",
+    "data.data_dir", "data.build_workers", "data.beam_options",
     "data.on_bad_scan",
     "eval", "predict", "cv", "report",
     # Same numbers, different execution, or evaluation-only settings:
     "model.conv_impl", "model.remat")
 INFERENCE_FROM_CHECKPOINT = ("task", "dtype", "model.", "data.")
+# Where the data lives. Not compared as strings on resume: the dataset's identity is (`same_dataset`: the
+# settings and the content of the files these name, `lungct.data.lung_ct.config_name`), so data moved
+# elsewhere resumes and edited or other data is refused. Inference reads them from the current config.
+DATA_LOCATION_KEYS = ("data.manual_dir", "data.labels_csv")
 
 _CHOICES = {
     "data.on_bad_scan": ("skip", "fail"),
@@ -48,6 +52,10 @@ class ConfigError(ValueError):
 def is_execution_key(dotted: str, extra: Iterable[str] = ()) -> bool:
   """Whether ``dotted`` is one of `EXECUTION_KEYS` or ``extra`` (a task's), or lies inside one of those groups."""
   return any(dotted == k or dotted.startswith(k + ".") for k in (*EXECUTION_KEYS, *extra))
+
+
+def is_data_location_key(dotted: str) -> bool:
+  return dotted in DATA_LOCATION_KEYS
 
 
 def get(config: Any, dotted: str) -> Any:
@@ -129,6 +137,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, task_errors: I
     need(0 <= config.model.dropout < 1, "model.dropout", "must be in [0, 1)")
   need(len(config.data.shape) == 3 and all(int(s) > 0 for s in config.data.shape), "data.shape",
        "must be three positive sizes (depth, height, width)")
+  if config.data.label == "grade":
+    need(int(config.data.num_classes) >= 2, "data.num_classes", "label='grade' needs >= 2 classes")
+  need(float(config.data.get("min_extent_mm", 0.0) or 0.0) >= 0, "data.min_extent_mm", "must be >= 0 (0: no floor)")
   lo, hi = config.data.hu_window
   need(lo < hi, "data.hu_window", "low must be below high")
   need(len(config.data.split_fractions) == 3 and abs(sum(config.data.split_fractions) - 1) < 1e-6
@@ -193,9 +204,25 @@ def same_run(saved: dict, current: dict, workdir: str, execution_keys: Iterable[
   task's own, which may change)."""
   a, b = flat(saved), flat(current)
   extra = tuple(execution_keys)
-  differ = sorted(k for k in set(a) | set(b)
-                  if not is_execution_key(k, extra) and norm(a.get(k)) != norm(b.get(k)))
+  differ = sorted(k for k in set(a) | set(b) if not is_execution_key(k, extra) and not is_data_location_key(k)
+                  and norm(a.get(k)) != norm(b.get(k)))
   if differ:
     detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:8])
     raise ConfigError(f"{workdir} holds a run with a different config ({detail}). Use a new --workdir, "
                       f"or --config.resume=false to start over in a new workdir.")
+
+
+def same_dataset(saved_meta: dict, current_dataset: str, current_config: dict, workdir: str) -> None:
+  """Refuses to resume a workdir trained on another dataset: its checkpoints' dataset identity (the
+  `dataset` of their meta, a `lung_ct` config name covering the settings and the files' content) must be
+  the one the current data gives. One line naming both, with where each was read from."""
+  old = saved_meta.get("dataset")
+  if old is None or old == current_dataset:
+    return  # checkpoints written before the identity was stored: the config comparison stands alone
+  def where(cfg: dict) -> str:
+    data = cfg.get("data", {}) or {}
+    parts = [str(data.get(k)) for k in ("manual_dir", "labels_csv") if data.get(k)]
+    return f" from {'/'.join(parts) if len(parts) < 2 else parts[0] + ' + ' + parts[1]}" if parts else ""
+  raise ConfigError(f"{workdir} was trained on dataset {old}{where(saved_meta.get('config', {}))}, but the "
+                    f"data now gives {current_dataset}{where(current_config)} (other files, or the same files "
+                    "edited): use a new --workdir, or restore the data the run started on.")

@@ -645,6 +645,98 @@ def hausdorff95(pred: Any, true: Any, spacing: Sequence[float] = (1.0, 1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------
+# Paired comparison of two classifiers on the same cases (DeLong; paired bootstrap).
+# ----------------------------------------------------------------------------
+
+
+def delong_components(y: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """DeLong's structural components of K scores on the same cases (DeLong, DeLong & Clarke-Pearson,
+  Biometrics 1988), computed from midranks (Sun & Xu, IEEE Signal Process. Lett. 2014).
+
+  Args:
+    y: (N,) labels in {0, 1}.
+    scores: (K, N) or (N,) scores (higher = more likely positive).
+
+  Returns:
+    aucs (K,), v10 (K, m) and v01 (K, n): for positive i, v10[k, i] is the fraction of negatives it outscores
+    (ties 1/2); for negative j, v01[k, j] the fraction of positives that outscore it. mean(v10) = mean(v01) = AUC.
+  """
+  from scipy import stats
+  y = _check_labels(y)
+  s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+  if s.shape[1] != y.size:
+    raise ValueError(f"scores must have one column per case ({y.size}), got shape {s.shape}")
+  pos, neg = y == 1, y == 0
+  m, n = int(pos.sum()), int(neg.sum())
+  if m == 0 or n == 0:
+    raise ValueError(f"DeLong needs both classes, got {m} positive and {n} negative cases")
+  r_all = stats.rankdata(s, axis=1)
+  r_pos = stats.rankdata(s[:, pos], axis=1)
+  r_neg = stats.rankdata(s[:, neg], axis=1)
+  v10 = (r_all[:, pos] - r_pos) / n
+  v01 = 1.0 - (r_all[:, neg] - r_neg) / m
+  return v10.mean(axis=1), v10, v01
+
+
+def delong_covariance(y: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+  """(aucs (K,), their (K, K) covariance) by DeLong's method: S10 / m + S01 / n."""
+  aucs, v10, v01 = delong_components(y, scores)
+  s10 = np.atleast_2d(np.cov(v10)) if v10.shape[1] > 1 else np.zeros((len(aucs), len(aucs)))
+  s01 = np.atleast_2d(np.cov(v01)) if v01.shape[1] > 1 else np.zeros((len(aucs), len(aucs)))
+  return aucs, s10 / v10.shape[1] + s01 / v01.shape[1]
+
+
+def delong_test(y: Any, p_a: Any, p_b: Any, *, alpha: float = 0.05) -> dict[str, float]:
+  """DeLong's test of two correlated ROC curves (two scores of the same cases).
+
+  Returns auc_a, auc_b, diff (= auc_a - auc_b), se, lo/hi (Wald interval at 1 - alpha), z and the two-sided
+  p_value (NaN when both scores rank every pair alike, se = 0), n_positive, n_negative. Cases are assumed
+  independent: with several studies per patient, also read `paired_bootstrap_auc` (patients resampled).
+  """
+  from scipy import stats
+  aucs, cov = delong_covariance(y, np.stack([np.asarray(p_a, float), np.asarray(p_b, float)]))
+  diff = float(aucs[0] - aucs[1])
+  var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+  se = math.sqrt(max(var, 0.0))
+  zq = float(stats.norm.ppf(1 - alpha / 2))
+  z = diff / se if se > 0 else float("nan")
+  y = _check_labels(y)
+  return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "se": se,
+          "lo": diff - zq * se, "hi": diff + zq * se, "z": z,
+          "p_value": float(2 * stats.norm.sf(abs(z))) if se > 0 else float("nan"),
+          "n_positive": int(np.sum(y == 1)), "n_negative": int(np.sum(y == 0))}
+
+
+def paired_bootstrap_auc(y: Any, p_a: Any, p_b: Any, *, groups: Any | None = None, n_boot: int = 2000,
+                         seed: int = 0, alpha: float = 0.05) -> dict[str, float]:
+  """Paired bootstrap of the AUC difference: the same resampled cases (or patients, ``groups``) score both.
+
+  ``p_a`` and ``p_b`` are (N,) or (S, N): S runs (seeds) of each side on the same N cases; the statistic is
+  mean over a's runs of their AUC minus the same for b. Returns diff, lo, hi (percentile interval), p_value
+  (two-sided: twice the smaller share of replicates on either side of 0, at least 1 / n_used), n_used.
+  The interval covers the test cases' sampling only, not the training seeds' spread.
+  """
+  y = _check_labels(y)
+  a, b = np.atleast_2d(np.asarray(p_a, float)), np.atleast_2d(np.asarray(p_b, float))
+  if a.shape[1] != y.size or b.shape[1] != y.size:
+    raise ValueError(f"p_a and p_b must hold one score per case ({y.size}), got {a.shape} and {b.shape}")
+  blocks_a = [_ScoreBlocks(y, row) for row in a]
+  blocks_b = [_ScoreBlocks(y, row) for row in b]
+
+  def stat(w: np.ndarray) -> np.ndarray:
+    return (np.mean([_auc_ap(blk, w)[0] for blk in blocks_a], axis=0)
+            - np.mean([_auc_ap(blk, w)[0] for blk in blocks_b], axis=0))
+  point = float(stat(np.ones((1, y.size)))[0])
+  sampler = _Resampler(y.size, groups)
+  boot = np.concatenate([stat(sampler.case_weights(d)) for d in sampler.draws(n_boot, seed)])
+  lo, hi, n_used = _percentile_interval(boot, alpha)
+  valid = boot[~np.isnan(boot)]
+  p = (min(1.0, max(2 * min(np.mean(valid <= 0), np.mean(valid >= 0)), 1.0 / valid.size))
+       if valid.size else float("nan"))
+  return {"diff": point, "lo": lo, "hi": hi, "p_value": float(p), "n_used": n_used, "n_boot": n_boot}
+
+
+# ----------------------------------------------------------------------------
 # Decision curve analysis (Vickers & Elkin, Med Decis Making 26(6):565-574, 2006).
 # ----------------------------------------------------------------------------
 

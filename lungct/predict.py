@@ -1,10 +1,13 @@
-"""--mode=predict: raw scans -> one row of predictions.csv per scan, written by the task (classification:
-probability, decision and a Grad-CAM overlay; segmentation: a mask NIfTI and the lesion volume; attributes:
-every predicted attribute).
+"""--mode=predict: raw scans -> one row of predictions.csv per scan, written by the task (`task.scan_predictor`:
+classification the probability, decision and a Grad-CAM overlay; segmentation a mask NIfTI on the scan's own
+grid and the lesion volume; attributes every predicted attribute).
 
 The model is restored for inference with the data settings it was trained with, and each scan goes through
 `preprocess.model_input`, the function the dataset build stores examples with: the model sees here exactly the
-values it saw in training. A scan that cannot be read is reported and skipped (a row with its error).
+values it saw in training. Intensities are read as the training data's were (HU, or already scaled for a
+MedMNIST-trained model), and a model trained on crops centred on the lesion mask (data.crop_center="mask") gets
+each scan's mask or lesion centre from config.predict.lesions. A scan that cannot be read, or that has no lesion
+where the model needs one, is reported and skipped.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import ml_collections
 import numpy as np
 
 from lungct import runtime, tasks
-from lungct.data import nifti, preprocess
+from lungct.data import nifti, preprocess, sources
+from lungct.data.errors import DataError
 
 SCAN_PATTERNS = ("*.nii", "*.nii.gz")
 
@@ -41,9 +45,40 @@ def output_name(path: str, root: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]", "_", rel.replace(os.sep, "__"))
 
 
-def scan_input(path: str, data_cfg) -> np.ndarray:
-  """float32 (D, H, W, 1): the model input for the scan at ``path`` (nifti.ScanError if it cannot be used)."""
-  return preprocess.model_input(nifti.load_scan(path), data_cfg)
+def load_input(path: str, data_cfg, lesion: dict | None = None) -> tuple[nifti.Scan, np.ndarray]:
+  """(the scan, its float32 (D, H, W, 1) model input) for the file at ``path``, prepared as the training data was:
+  intensities as the training source's (`sources.load_for_model`), and for a model trained on crops centred on
+  the lesion mask, the crop centred on ``lesion`` (its `sources.read_lesions` entry). nifti.ScanError if it cannot
+  be used, or if the model needs a lesion and none is given."""
+  scan = sources.load_for_model(path, data_cfg)
+  mask = center = None
+  if preprocess.needs_lesion(data_cfg):
+    if lesion is None:
+      raise nifti.ScanError(path, "no lesion mask or centre for this scan in config.predict.lesions: the model "
+                                  "was trained on crops centred on the lesion (data.crop_center='mask')")
+    mask, center = sources.lesion_of(scan, lesion)
+  return scan, preprocess.model_input(scan, data_cfg, mask, hu=sources.is_hu(data_cfg), center_xyz=center)
+
+
+def scan_input(path: str, data_cfg, lesion: dict | None = None) -> np.ndarray:
+  """float32 (D, H, W, 1): the model input for the scan at ``path`` (`load_input`)."""
+  return load_input(path, data_cfg, lesion)[1]
+
+
+def lesion_key(path: str, root: str) -> str:
+  """How predict.lesions names the scan at ``path``: relative to the predict.input folder, or its file name."""
+  rel = os.path.relpath(path, root) if os.path.isdir(root) else os.path.basename(path)
+  return os.path.normpath(rel).replace(os.sep, "/")
+
+
+def data_line(data_cfg) -> str:
+  """How predict prepares a scan, in words (from the checkpoint's data config)."""
+  words = f"shape {tuple(data_cfg.shape)}, "
+  words += (f"HU window {tuple(data_cfg.hu_window)}" if sources.is_hu(data_cfg) else
+            "intensities already scaled to [0, 1] (MedMNIST; no HU window)")
+  if preprocess.needs_lesion(data_cfg):
+    words += ", crops centred on each scan's lesion (config.predict.lesions)"
+  return words
 
 
 def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
@@ -51,23 +86,27 @@ def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_pa
   predictor, task = tasks.restore(config, workdir, checkpoint_path, explicit, "predict")
   config = predictor.config
   files = list_scans(config.predict.input)
+  lesions = sources.read_lesions(config.predict.lesions) if config.predict.get("lesions", "") else {}
+  if preprocess.needs_lesion(config.data) and not lesions:
+    raise DataError(f"the model {predictor.checkpoint} was trained on crops centred on the lesion mask "
+                    "(data.crop_center='mask'): give each scan's mask or centre with --config.predict.lesions=<csv> "
+                    "(filename,mask or filename,x,y,z[,coords])")
   out_dir = os.path.join(workdir, "predictions")
   main = runtime.is_main_process()
   if main:
     os.makedirs(out_dir, exist_ok=True)
-    print(f"Checkpoint {predictor.checkpoint}; data prepared as in training: shape {tuple(config.data.shape)}, "
-          f"HU window {tuple(config.data.hu_window)}.")
+    print(f"Checkpoint {predictor.checkpoint}; data prepared as in training: {data_line(config.data)}.")
   predict_one = task.scan_predictor(predictor, workdir, out_dir)
   rows = []
   for path in files:
     try:
-      scan = nifti.load_scan(path)
-      image = preprocess.model_input(scan, config.data)[None]
+      scan, image = load_input(path, config.data, lesions.get(lesion_key(path, config.predict.input)))
     except nifti.ScanError as e:
       print(f"SKIPPED {e}")
       rows.append({"file": path, "error": e.reason})
       continue
-    rows.append({"file": path, **predict_one(scan, image, output_name(path, config.predict.input)), "error": ""})
+    rows.append({"file": path, **predict_one(scan, image[None], output_name(path, config.predict.input)),
+                 "error": ""})
   fields = list(dict.fromkeys(["file"] + [k for r in rows for k in r if k != "error"] + ["error"]))
   rows = [{k: r.get(k, "") for k in fields} for r in rows]
   if main:

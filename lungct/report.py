@@ -61,6 +61,9 @@ def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_pat
   out_dir = os.path.join(workdir, "report")
   os.makedirs(out_dir, exist_ok=True)
   part = task.report_sections(predictor, sources, workdir, out_dir)
+  if "page" in part:  # a task that renders its whole page (classification)
+    html_text, md_text = part["page"]
+    return _write(workdir, html_text, md_text, out_dir)
   figs = {**training_curves(task, workdir, out_dir), **part["figures"]}
   builder = lung_ct.builder_for(config.data)
   try:
@@ -73,6 +76,10 @@ def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_pat
     with open(mpath) as f:
       summary = json.load(f)
   html_text, md_text = render(config, task, part, figs, build, summary, {s: len(v) for s, v in sources.items()})
+  return _write(workdir, html_text, md_text, out_dir)
+
+
+def _write(workdir: str, html_text: str, md_text: str, out_dir: str) -> str:
   if runtime.is_main_process():
     with open(os.path.join(workdir, "report.html"), "w") as f:
       f.write(html_text)

@@ -106,8 +106,15 @@ def fetch(x: jax.Array) -> np.ndarray:
 # ----------------------------------------------------------------------------- the dataset, on every host
 
 def data_sources(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """{"train", "validation", "test"} random-access sources of the (built on first use) TFDS dataset."""
+  """{"train", "validation", "test"} random-access sources of the (built on first use) TFDS dataset; for a
+  classifier, `lung_ct.check_classes` first (DataError: a grade outside [0, num_classes), a split without a
+  label)."""
   builder = prepare_dataset(config.data)
+  if config.get("task", "classify") == "classify":  # the classes it learns: checked before any step
+    from lungct.data import lung_ct
+    for line in lung_ct.check_classes(builder, config.data.label, config.data.num_classes):
+      if is_main_process():
+        print(line)
   return {split: builder.as_data_source(split) for split in ("train", "validation", "test")}
 
 
@@ -119,6 +126,13 @@ def dataset_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
   except (OSError, ValueError):
     return {}
   return {k: report[k] for k in ("config", "totals", "skip_reasons", "splits") if k in report}
+
+
+def dataset_identity(config: ml_collections.ConfigDict) -> str:
+  """The identity of the dataset ``config.data`` names (settings + the files' content; no volume read): what a
+  run's checkpoints record, and what resuming compares (`config_check.same_dataset`)."""
+  from lungct.data import lung_ct
+  return lung_ct.builder_for(config.data).builder_config.name
 
 
 def prepare_dataset(data_cfg: ml_collections.ConfigDict):
@@ -210,7 +224,8 @@ def inference_config(current: ml_collections.ConfigDict, saved: dict, explicit: 
   flat_now = config_check.flat(current.to_dict())
   prefixes = config_check.INFERENCE_FROM_CHECKPOINT + ((group + ".",) if group else ())
   for key, value in flat_saved.items():
-    if not key.startswith(prefixes) or config_check.is_execution_key(key, execution_keys):
+    if (not key.startswith(prefixes) or config_check.is_execution_key(key, execution_keys)
+        or config_check.is_data_location_key(key)):
       continue
     if key in explicit and config_check.norm(flat_now.get(key)) != config_check.norm(value):
       raise config_check.ConfigError(

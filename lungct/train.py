@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import time
+import uuid
 from typing import Any, Iterator
 
 import jax
@@ -155,11 +156,16 @@ class MetricWriter:
   """JSON lines in ``<workdir>/metrics.jsonl`` plus TensorBoard events in ``<workdir>/tensorboard``
   (main process only; others write nothing)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     if enabled:
       from tensorboardX import SummaryWriter
-      self._json = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step is not None:
+        note = truncate_history(path, resume_step)
+        if note:
+          print(note)
+      self._json = open(path, "a")
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, values: dict[str, float]) -> None:
@@ -176,6 +182,40 @@ class MetricWriter:
     if self.enabled:
       self._json.close()
       self._tb.close()
+
+
+def truncate_history(path: str, last_step: int) -> str:
+  """Keeps the records of ``path`` (metrics.jsonl) up to ``last_step``, the step the run (re)starts from.
+
+  Steps logged after the checkpoint a run resumes from are logged again by the resumed run, and a kill can
+  leave a last line cut short: both are dropped here, so the file holds each step once, as complete JSON.
+  Returns a line saying what was dropped ("" when nothing was).
+  """
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    lines = f.read().splitlines()
+  kept, later, broken = [], 0, 0
+  for line in lines:
+    if not line.strip():
+      continue
+    try:
+      step = int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      broken += 1
+      continue
+    if step <= last_step:
+      kept.append(line)
+    else:
+      later += 1
+  if not (later or broken):
+    return ""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("".join(line + "\n" for line in kept))
+  os.replace(tmp, path)
+  return (f"{path}: dropped {later} records logged after step {last_step} (the step this run starts from; "
+          f"they are logged again) and {broken} incomplete lines")
 
 
 class _Preempted:
@@ -229,8 +269,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   tc = config.train
 
   # Resume: the saved config is compared before anything is built or any array is read.
+  moved = checkpoint.set_aside_leftover_best(workdir)
+  if moved and is_main:
+    print(moved)
   latest, best = checkpoint.managers(workdir, keep=tc.keep_checkpoints, best_metric=f"val_{task.BEST_METRIC}")
   config_json = runtime.saved_config_json(config)
+  dataset_id = runtime.dataset_identity(config)  # lists the data (no volume read); resume compares it
   if not config.resume and latest.latest_step() is not None:
     raise checkpoint.CheckpointError(
         f"{workdir} already holds checkpoints and config.resume=False: use a new --workdir.")
@@ -248,14 +292,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   apply = task.make_apply(graphdef, mesh, config)
 
   book = {"best": None, "best_step": -1, "evals_without_improvement": 0}
+  restored = None
   if config.resume:
-    restored = checkpoint.restore(latest, state, check_meta=lambda m: config_check.same_run(
-        m.get("config", {}), config_json, workdir, task.EXECUTION_KEYS))
+    def check_meta(m):
+      config_check.same_run(m.get("config", {}), config_json, workdir, task.EXECUTION_KEYS)
+      config_check.same_dataset(m, dataset_id, config_json, workdir)
+      check_schedule_horizon(tc, m.get("bookkeeping", {}).get("total_steps"), total_steps, workdir)
+    restored = checkpoint.restore(latest, state, check_meta=check_meta)
     if restored is not None:
       state, meta = restored
       book.update(meta.get("bookkeeping", {}))
       if is_main:
         print(f"Resumed from {workdir}/{checkpoint.LATEST_DIR} at step {int(state['step'])}.")
+  if restored is None:  # a new run: tied to its best checkpoints by a run id
+    book.update(run_id=_new_run_id(), total_steps=total_steps)
   if config.init_from and int(state["step"]) == 0:
     params, stats, report = checkpoint.restore_params(config.init_from, state["params"], state["batch_stats"])
     if is_main:
@@ -265,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
                            runtime.replicated(mesh))
 
   start_step = int(state["step"])
-  writer = MetricWriter(workdir, enabled=is_main)
+  writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
   dataset = runtime.dataset_summary(config)
   if is_main and dataset:  # what was skipped stays in sight at every run, not only during the build
     from lungct.data import lung_ct
@@ -336,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
           progress.write(f"step {step}: " + "  ".join(
               f"val {k} {val[k]:.4f}" for k in _headline(val, task)) + (" *" if improved else ""))
       if will_save:
-        meta = {"config": config_json, "bookkeeping": book}
+        meta = {"config": config_json, "bookkeeping": book, "dataset": dataset_id}
         checkpoint.save(latest, step, state, meta)
         if val is not None and book["best_step"] == step:  # only an improvement replaces the best
           checkpoint.save(best, step, state, meta, metrics={f"val_{task.BEST_METRIC}": book["best"]})
@@ -364,7 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
     return summary
   # Final evaluation with the best checkpoint (by the task's validation metric) on validation and test.
   if best.latest_step() is not None:
-    state, _ = checkpoint.restore(best, state, best.latest_step())
+    state, _ = checkpoint.restore(best, state, best.latest_step(), check_meta=lambda m: same_run_as_best(
+        m, config_json, book, workdir, task.EXECUTION_KEYS))
   variables = runtime.Variables(graphdef, state["params"], state["batch_stats"])
   for split in ("validation", "test"):
     summary[split] = task.evaluate(apply, variables, mesh, sources[split], config)[0]
@@ -375,6 +426,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
           ", ".join(f"{s} {task.BEST_METRIC} {summary[s].get(task.BEST_METRIC, float('nan')):.3f}"
                     for s in ("validation", "test")) + f". Wrote {workdir}/metrics.json")
   return summary
+
+
+def _new_run_id() -> str:
+  """A random id for a run that starts from step 0, the same on every process (process 0's)."""
+  value = np.frombuffer(uuid.uuid4().bytes, np.uint32).copy()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    value = np.asarray(multihost_utils.broadcast_one_to_all(value))
+  return "".join(f"{int(v):08x}" for v in value)
+
+
+def check_schedule_horizon(tc: ml_collections.ConfigDict, saved_total: int | None, total_steps: int,
+                           workdir: str) -> None:
+  """Resuming with another train.num_epochs / num_steps only moves where the run stops, unless the learning-rate
+  schedule depends on the run's length (warmup_cosine decays to 0 at the last step): then it is refused."""
+  if tc.schedule != "warmup_cosine" or saved_total is None or int(saved_total) == total_steps:
+    return
+  raise config_check.ConfigError(
+      f"config.train.num_epochs/num_steps: {workdir} holds a run of {saved_total} steps and this config asks for "
+      f"{total_steps}; its warmup_cosine learning rate decays over the run's length, so the rest of the run "
+      f"would follow another schedule. Use a new --workdir (constant and exponential schedules can be resumed "
+      f"with another length).")
+
+
+def same_run_as_best(meta: dict, config_json: dict, book: dict, workdir: str, execution_keys=()) -> None:
+  """The best checkpoint about to be evaluated was written by this run (same config and run id)."""
+  config_check.same_run(meta.get("config", {}), config_json, workdir, execution_keys)
+  theirs = meta.get("bookkeeping", {}).get("run_id")
+  if theirs != book.get("run_id"):
+    raise checkpoint.CheckpointError(
+        f"{workdir}/{checkpoint.BEST_DIR} was written by another run (run id {theirs}, this run {book.get('run_id')}); "
+        f"not evaluating it. Use a new --workdir.")
 
 
 def _headline(val: dict, task) -> list[str]:

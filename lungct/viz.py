@@ -455,6 +455,46 @@ def roc_curve(fpr: np.ndarray, tpr: np.ndarray, auc: float | None = None,
   return fig
 
 
+def decision_curve(thresholds: Sequence[float], model: Sequence[float], treat_all: Sequence[float], *,
+                   model_lo: Sequence[float] | None = None, model_hi: Sequence[float] | None = None,
+                   operating_points: Sequence[Mapping[str, Any]] | None = None, title: str | None = None,
+                   max_threshold: float | None = None) -> Figure:
+  """Decision curve (Vickers & Elkin 2006): net benefit against threshold probability for the model (with its
+  interval band), treat all and treat none (0). ``operating_points``: dicts with name and threshold, marked on
+  the model's curve. The y range is clipped below at -0.05 (treat all falls steeply at high thresholds).
+  Axes: 1; ax.lines[0] = model, [1] = treat all, [2] = treat none."""
+  t = np.asarray(thresholds, dtype=np.float64)
+  nb, nb_all = np.asarray(model, dtype=np.float64), np.asarray(treat_all, dtype=np.float64)
+  if not t.shape == nb.shape == nb_all.shape or t.ndim != 1:
+    raise ValueError(f"thresholds, model and treat_all must be 1-D of equal length, got {t.shape}, "
+                     f"{nb.shape}, {nb_all.shape}")
+  fig = _new_figure((6.0, 4.6))
+  ax = fig.subplots()
+  ax.plot(t, nb, color="tab:blue", lw=2, label="model")
+  ax.plot(t, nb_all, color="tab:orange", lw=1.5, label="treat all")
+  ax.plot(t, np.zeros_like(t), color="black", lw=1, ls="--", label="treat none")
+  if model_lo is not None and model_hi is not None:
+    lo, hi = np.asarray(model_lo, dtype=np.float64), np.asarray(model_hi, dtype=np.float64)
+    ax.fill_between(t, lo, hi, color="tab:blue", alpha=0.15, lw=0, label="model, 95% CI")
+  markers = "os^Dvp*h"
+  for k, op in enumerate(operating_points or ()):
+    thr = op.get("threshold")
+    if thr is None or not np.isfinite(thr) or not (t.min() <= thr <= t.max()):
+      continue
+    y = float(np.interp(thr, t, nb))
+    ax.plot([thr], [y], ls="none", marker=markers[k % len(markers)], ms=7, mec="black",
+            label=f"{op.get('name', k)} (t = {float(thr):.2f})", zorder=3)
+  finite = np.concatenate([nb[np.isfinite(nb)], nb_all[np.isfinite(nb_all)], [0.0]])
+  ax.set_ylim(-0.05, max(0.05, float(finite.max()) * 1.1))
+  ax.set_xlim(float(t.min()), float(max_threshold or t.max()))
+  ax.set_xlabel("Threshold probability (risk at which one would act)")
+  ax.set_ylabel("Net benefit")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="upper right", fontsize=8)
+  ax.set_title(title or "Decision curve")
+  return fig
+
+
 def reliability_diagram(bin_confidence: np.ndarray, bin_accuracy: np.ndarray,
                         bin_counts: np.ndarray, ece: float | None = None, *,
                         title: str | None = None) -> Figure:
@@ -504,17 +544,29 @@ _NON_METRIC_KEYS = frozenset({"step", "epoch", "time", "timestamp", "wall_time",
 
 
 def load_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """Reads a JSON-lines metrics file (one record per line; blank lines skipped)."""
-  records = []
+  """Reads a JSON-lines metrics file (one record per line; blank lines skipped).
+
+  A last line cut short (a run killed while writing it) is skipped with a note on stderr; a bad line
+  elsewhere is a ValueError naming it. A record that repeats an earlier one's step and keys (a resumed run
+  logging again the steps after its checkpoint, in files written before the loop dropped them) replaces it.
+  """
   with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
+    lines = f.read().split("\n")
+  numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+  records: dict[tuple, dict[str, Any]] = {}
+  for k, (lineno, line) in enumerate(numbered):
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      if k == len(numbered) - 1:
+        print(f"{os.fspath(path)}: line {lineno} is incomplete (a run killed while writing?); skipped",
+              file=sys.stderr)
         continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{os.fspath(path)}: line {lineno} is not valid JSON: {e}") from e
-  return records
+      raise ValueError(f"{os.fspath(path)}: line {lineno} is not valid JSON: {e}") from e
+    key = (rec.get("step"), tuple(sorted(rec))) if isinstance(rec, dict) else (lineno,)
+    records.pop(key, None)
+    records[key] = rec
+  return list(records.values())
 
 
 def metric_groups(history: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:

@@ -142,3 +142,76 @@ def test_scale_jitter_moves_a_marker_radially():
     w = np.arange(9)
     com = (o[..., 0].sum((0, 1)) * w).sum() / o.sum()
     assert 4 + 2 * 0.8 - 0.05 <= com <= 4 + 2 * 1.2 + 0.05
+
+
+# The implementation before flips/rotations became one gather and the zoom three matrix products: per-example
+# jnp.flip/transpose selected by jnp.where / lax.switch, the zoom by map_coordinates. Kept as the reference.
+
+def _reference_augment(key, images, c, masks):
+  b = images.shape[0]
+  _, k_flip, _, _, k_axes, k_r90, k_zoom = jax.random.split(key, 7)
+  x = images.astype(jnp.float32)
+  flip = lambda v, f, a: jnp.where(f, jnp.flip(v, axis=a), v)  # noqa: E731
+  both = lambda fn, *args: (jax.vmap(fn)(x, *args), jax.vmap(fn)(masks, *args))  # noqa: E731
+  if c.flip_lr:
+    x, masks = both(lambda v, f: flip(v, f, 2), jax.random.bernoulli(k_flip, 0.5, (b,)))
+  flips = jax.random.bernoulli(k_axes, 0.5, (b, len(c.flip_axes)))
+  for j, a in enumerate(c.flip_axes):
+    x, masks = both(lambda v, f, a=a: flip(v, f, a), flips[:, j])
+  if c.rot90 == "axial":
+    ks = jax.random.randint(k_r90, (b,), 0, 4)
+    x, masks = both(lambda v, k: jax.lax.switch(k, [lambda v, i=i: jnp.rot90(v, i, axes=(1, 2))
+                                                    for i in range(4)], v), ks)
+  elif c.rot90 == "all":
+    k_p, k_f = jax.random.split(k_r90)
+    perms = jax.random.randint(k_p, (b,), 0, 6)
+    fl = jax.random.bernoulli(k_f, 0.5, (b, 3))
+    odd = jnp.asarray([0, 1, 1, 0, 0, 1])[perms].astype(bool)
+    parity = fl[:, 0] ^ fl[:, 1] ^ fl[:, 2]
+    fl = fl.at[:, 2].set(jnp.where(parity != odd, ~fl[:, 2], fl[:, 2]))
+
+    def cube(v, p, f):
+      v = jax.lax.switch(p, [lambda v, q=q: jnp.transpose(v, q + (3,)) for q in augment._PERMS], v)
+      for a in range(3):
+        v = flip(v, f[a], a)
+      return v
+    x, masks = both(cube, perms, fl)
+  scales = jax.random.uniform(k_zoom, (b,), minval=1.0 - c.scale_jitter, maxval=1.0 + c.scale_jitter)
+
+  def zoom(v, s, order):
+    grids = jnp.meshgrid(*[jnp.arange(n, dtype=jnp.float32) for n in v.shape[:3]], indexing="ij")
+    coords = [(n - 1) / 2.0 + (g - (n - 1) / 2.0) / s for g, n in zip(grids, v.shape[:3])]
+    one = lambda u: jax.scipy.ndimage.map_coordinates(u, coords, order=order, mode="constant")  # noqa: E731
+    return jax.vmap(one, in_axes=-1, out_axes=-1)(v.astype(jnp.float32)).astype(v.dtype)
+  return jax.vmap(lambda v, s: zoom(v, s, 1))(x, scales), jax.vmap(lambda v, s: zoom(v, s, 0))(masks, scales)
+
+
+def test_flips_rotations_and_zoom_equal_the_per_voxel_reference():
+  """One gather + separable zoom give the reference's volumes (float rounding) and masks (exactly), same key."""
+  rng = np.random.default_rng(0)
+  for shape, kw in [((6, 6, 6), dict(flip_lr=True, flip_axes=(0, 1, 2), rot90="all", scale_jitter=0.2)),
+                    ((5, 7, 7), dict(flip_lr=True, flip_axes=(1,), rot90="axial", scale_jitter=0.4)),
+                    ((4, 5, 6), dict(flip_lr=False, flip_axes=(2, 0), rot90="none", scale_jitter=0.5))]:
+    x = jnp.asarray(rng.uniform(size=(12,) + shape + (1,)), jnp.float32)
+    m = jnp.asarray(rng.uniform(size=(12,) + shape + (1,)) > 0.5, jnp.uint8)
+    c = cfg(**kw)
+    for seed in (0, 1):
+      out, mask = augment.augment_batch(jax.random.key(seed), x, c, masks=m)
+      ref, ref_mask = _reference_augment(jax.random.key(seed), x, c, m)
+      np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
+      np.testing.assert_array_equal(mask, ref_mask)
+      assert not np.allclose(out, x)  # it did move
+
+
+def test_zoom_matrix_by_hand():
+  """Zoom 2 of a length-5 axis about its centre 2: output i samples 2 + (i - 2) / 2."""
+  m = np.asarray(augment._interpolation_matrix(5, jnp.float32(2.0), 1))
+  expected = np.zeros((5, 5))
+  expected[0, 1] = 1.0                        # samples 1.0
+  expected[1, 1], expected[1, 2] = 0.5, 0.5   # samples 1.5
+  expected[2, 2] = 1.0
+  expected[3, 2], expected[3, 3] = 0.5, 0.5
+  expected[4, 3] = 1.0
+  np.testing.assert_allclose(m, expected, atol=1e-7)
+  m = np.asarray(augment._interpolation_matrix(5, jnp.float32(0.5), 1))  # shrink: samples -2, 0, 2, 4, 6
+  np.testing.assert_array_equal(m, np.eye(5)[[0, 2, 4]][[0, 0, 1, 2, 2]] * [[0], [1], [1], [1], [0]])

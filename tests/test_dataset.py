@@ -176,12 +176,12 @@ def test_folder_build_skips_corrupt_and_reports(tmp_path, scan_folder):
   assert report["totals"] == {"read": 9, "kept": 8, "skipped": 1}
   assert report["skip_reasons"] == {"not a readable NIfTI file": 1}
   (skip,) = report["skipped"]
-  assert skip["file"].endswith("broken.nii.gz") and skip["study_id"] == "broken"
+  assert skip["file"].endswith("broken.nii.gz") and skip["study_id"] == "scans/broken"
   assert "NIfTI" in skip["reason"]
   ex = {e["study_id"].decode(): e for s in lung_ct.SPLITS for e in _all(builder, s)}
-  assert int(ex["s6"]["grade"]) == 3 and int(ex["s6"]["label"]) == 1
-  assert ex["s6"]["patient_id"] == b"pat6"
-  np.testing.assert_array_equal(ex["s6"]["orig_shape"], [12, 24, 24])
+  assert int(ex["scans/s6"]["grade"]) == 3 and int(ex["scans/s6"]["label"]) == 1
+  assert ex["scans/s6"]["patient_id"] == b"pat6"
+  np.testing.assert_array_equal(ex["scans/s6"]["orig_shape"], [12, 24, 24])
 
 
 def test_stored_image_is_model_input_of_the_file(tmp_path, scan_folder):
@@ -189,11 +189,11 @@ def test_stored_image_is_model_input_of_the_file(tmp_path, scan_folder):
   d = folder_cfg(tmp_path, scan_folder, fit="crop_or_pad", target_spacing=(4.0, 2.0, 2.0))
   builder = lung_ct.prepare(d)
   ex = {e["study_id"]: e for s in lung_ct.SPLITS for e in map(pipeline.decode, _all(builder, s))}
-  for sid in ("s0", "s5"):
-    x = preprocess.model_input(nifti.load_scan(scan_folder / "scans" / f"{sid}.nii.gz"), d)
+  for sid in ("scans/s0", "scans/s5"):
+    x = preprocess.model_input(nifti.load_scan(scan_folder / f"{sid}.nii.gz"), d)
     assert x.dtype == np.float32 and x.shape == ex[sid]["image"].shape
     assert x.tobytes() == ex[sid]["image"].tobytes()
-  np.testing.assert_array_equal(ex["s0"]["voxel_spacing"], [4.0, 2.0, 2.0])
+  np.testing.assert_array_equal(ex["scans/s0"]["voxel_spacing"], [4.0, 2.0, 2.0])
 
 
 def test_folder_fail_mode_names_the_file(tmp_path, scan_folder):
@@ -269,7 +269,7 @@ def test_csv_with_utf8_bom_and_semicolons(tmp_path, scan_folder):
   (tmp_path / "bom.csv").write_bytes(("\ufeff" + "\r\n".join(["filename;label;patient_id", *rows]) + "\r\n")
                                      .encode("utf-8"))
   items = lung_ct.list_folder_items(str(scan_folder), str(tmp_path / "bom.csv"))
-  assert [(it.study_id, it.label, it.patient_id) for it in items][:2] == [("s0", 0, "pat0"), ("s1", 0, "pat1")]
+  assert [(it.study_id, it.label, it.patient_id) for it in items][:2] == [("scans/s0", 0, "pat0"), ("scans/s1", 0, "pat1")]
   assert len(items) == 8
 
 

@@ -90,13 +90,37 @@ def test_report_is_self_contained_html(trained):
   path = report.build_report(c, workdir)
   text = open(path).read()
   assert "data:image/png;base64," in text and "<img src='report/" not in text
-  for needed in ("Sensitivity", "Specificity", "ROC-AUC", "Of 100 patients", "not for diagnosis", "synthetic",
-                 "Dataset build: 24 scans read, 24 kept, <b>0 skipped</b>"):
+  for needed in ("Sensitivity", "Specificity", "ROC-AUC", "Of 100 <b>abnormal</b> studies", "not for diagnosis",
+                 "synthetic", "Dataset build: 24 scans read, 24 kept, <b>0 skipped</b>", "Task: abnormal vs normal",
+                 "Per study: each study is one case", "net benefit", "Decision curve (per study)",
+                 "No recalibration"):
     assert needed in text, needed
   md = open(os.path.join(workdir, "report.md")).read()
   assert "| ROC-AUC |" in md
-  for png in ("roc.png", "confusion.png", "reliability.png", "training_curves.png"):
+  for png in ("roc.png", "confusion.png", "reliability.png", "training_curves.png", "decision_curve.png"):
     assert os.path.getsize(os.path.join(workdir, "report", png)) > 1000
+
+
+def test_report_and_predict_never_use_an_evaluation_of_other_weights(trained, capsys):
+  """Defect 9: eval_test.json written for another checkpoint (--checkpoint=) is not the best checkpoint's."""
+  c, workdir = trained
+  best = runtime.restore_for_inference(c, workdir, task_of=tasks.get)
+  other_step = next(s for s in (4, 8) if s != best.step)
+  evaluate.evaluate_checkpoint(c, workdir, split="test", checkpoint_path=os.path.join(workdir, "checkpoints",
+                                                                                       str(other_step)))
+  assert json.load(open(os.path.join(workdir, "eval_test.json")))["checkpoint_step"] == other_step
+  threshold, why, _ = classify.choose_threshold(c, workdir, best)
+  out = capsys.readouterr().out
+  assert "ignored:" in out and f"step {other_step}" in out
+  assert "eval_test.json" not in why  # not the other checkpoint's Youden threshold
+  report.build_report(c, workdir)
+  saved = json.load(open(os.path.join(workdir, "eval_test.json")))  # recomputed for the report's checkpoint
+  assert saved["checkpoint_step"] == best.step and saved["checkpoint"] == best.checkpoint
+  assert f"step {best.step}, fingerprint {saved['checkpoint_fingerprint']}" in open(
+      os.path.join(workdir, "report.html")).read()
+  threshold, why, _ = classify.choose_threshold(c, workdir, best)
+  assert why == "Youden's J on validation (eval_test.json)"
+  assert threshold == saved["operating_points"]["youden"]["threshold"]
 
 
 def test_per_100_wording():

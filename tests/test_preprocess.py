@@ -255,14 +255,18 @@ def test_crop_starts_and_crop_or_pad():
   np.testing.assert_array_equal(pp.crop_or_pad(np.arange(5), (2,), (3,), 9), [3, 4])
 
 
-def test_minimum_size_rule_is_in_millimetres():
+def test_size_rules_follow_the_fit():
   c = _geo_cfg()
-  # A 3-slice crop at 2.5 mm (7.5 mm) is kept (the old rule needed >= 8 voxels per axis).
-  pp.check_geometry((3, 44, 44), (2.5, 0.7, 0.7), c, "thin.nii")
-  with pytest.raises(nifti.ScanError, match=r"^one.nii: too small: 1x44x44 voxels"):
-    pp.check_geometry((1, 44, 44), (2.5, 0.7, 0.7), c, "one.nii")
-  with pytest.raises(nifti.ScanError, match=r"needs >= 5 mm"):
-    pp.check_geometry((4, 44, 44), (1.0, 0.7, 0.7), c, "four_mm.nii")
+  # crop_or_pad pads any crop: 2 slices of 1.25 mm (LIDC-IDRI-0341_R_4) and one slice are kept
+  # (before: "too small", under the 5 mm default of data.min_extent_mm).
+  pp.check_geometry((2, 44, 44), (1.25, 0.6, 0.6), c, "thin.nii")
+  pp.check_geometry((1, 44, 44), (2.5, 0.7, 0.7), c, "one.nii")
+  # An explicit floor is compared with a tolerance: 4 x 1.25 mm (float32, as read from a header)
+  # passes 5 mm (before: refused at the limit), 3 x 1.25 does not.
+  floor = _geo_cfg(min_extent_mm=5.0)
+  pp.check_geometry((4, 43, 43), np.array([1.25, 0.7, 0.7], np.float32) * np.float32(1 - 1e-7), floor, "4.nii")
+  with pytest.raises(nifti.ScanError, match=r"^3.nii: too small: 3x43x43 voxels span 3.75 x"):
+    pp.check_geometry((3, 43, 43), (1.25, 0.7, 0.7), floor, "3.nii")
   # resize: a 3-slice 2.5 mm crop at 1 mm (8 voxels) stretched to 200 voxels (25x) is refused.
   with pytest.raises(nifti.ScanError, match="stretched 25x"):
     pp.check_geometry((3, 44, 44), (2.5, 0.7, 0.7), _geo_cfg(shape=(200, 32, 32), fit="resize"), "r.nii")

@@ -151,3 +151,36 @@ def test_best_step_on_a_tie_is_the_first_and_is_what_the_final_evaluation_uses(d
   assert summary["best_step"] == 2
   assert json.load(open(tmp_path / "metrics.json"))["best_step"] == 2
   assert os.listdir(tmp_path / "best") == ["2"]
+
+
+def test_one_run_per_workdir_log_and_best(data_dir, tmp_path):
+  """Defects 10-12: a leftover best/ is set aside, not outranking the new run; steps re-logged after a resume
+  and a line cut by a kill leave metrics.jsonl with each step once; a warmup_cosine run cannot change length."""
+  import shutil
+  from lungct import checkpoint, viz
+  c = tiny_config(data_dir, **{"train.num_epochs": 0, "train.num_steps": 4, "train.checkpoint_every_steps": 2,
+                               "train.eval_every_steps": 100, "train.log_every_steps": 1,
+                               "train.schedule": "warmup_cosine", "train.warmup_steps": 1,
+                               "train.precise_bn_batches": 0})
+  work = str(tmp_path)
+  _, state, _ = train.create_state(c, 4)
+  _, best = checkpoint.managers(work)
+  checkpoint.save(best, 99, state, {"config": {}}, metrics={"val_auc": 1.0})  # an earlier run's best/
+  best.wait_until_finished()
+  summary = train.train_and_evaluate(c, work)
+  assert os.listdir(tmp_path / "best") == ["4"] and summary["best_step"] == 4
+  aside = [d for d in os.listdir(tmp_path) if d.startswith("best.earlier-")]
+  assert len(aside) == 1 and os.listdir(tmp_path / aside[0]) == ["99"]
+  # A kill after steps 3-4 were logged but before checkpoint 4 was finished, mid-way through a line.
+  shutil.rmtree(tmp_path / "checkpoints" / "4")
+  shutil.rmtree(tmp_path / "best" / "4")
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "train/lo')
+  train.train_and_evaluate(c, work)  # resumes at step 2
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]  # every line complete JSON
+  assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+  assert [r["step"] for r in viz.load_history(tmp_path / "metrics.jsonl") if "val/auc" in r] == [4]
+  longer = c.copy_and_resolve_references()
+  longer.train.num_steps = 6
+  with pytest.raises(config_check.ConfigError, match="warmup_cosine"):
+    train.train_and_evaluate(longer, work)

@@ -224,7 +224,7 @@ def test_training_curves_from_jsonl(tmp_path):
   with pytest.raises(ValueError, match="no numeric metrics"):
     viz.training_curves([{"step": 1}])
   bad = tmp_path / "bad.jsonl"
-  bad.write_text('{"step": 1}\nnot json\n')
+  bad.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # a bad line before the last
   with pytest.raises(ValueError, match="bad.jsonl: line 2"):
     viz.load_history(bad)
 
@@ -252,3 +252,15 @@ def test_cli_nifti(tmp_path):
     with open(out, "rb") as f:
       assert f.read(8) == PNG_MAGIC
     assert matplotlib.image.imread(out).shape[0] > 100
+
+
+def test_load_history_after_a_kill_and_a_resume(tmp_path):
+  """Defect 11: a truncated last line does not break the report; re-logged steps count once."""
+  path = tmp_path / "metrics.jsonl"
+  lines = [{"step": 1, "train/loss": 0.9}, {"step": 2, "train/loss": 0.8}, {"step": 2, "val/auc": 0.6},
+           {"step": 3, "train/loss": 0.7}, {"step": 3, "train/loss": 0.65}]  # step 3 logged again on resume
+  path.write_text("\n".join(json.dumps(r) for r in lines) + '\n{"step": 4, "train/lo')
+  history = viz.load_history(path)
+  assert [(r["step"], r.get("train/loss")) for r in history] == [(1, 0.9), (2, 0.8), (2, None), (3, 0.65)]
+  fig = viz.training_curves(history)
+  np.testing.assert_allclose(fig.axes[0].lines[0].get_xydata(), [[1, 0.9], [2, 0.8], [3, 0.65]])

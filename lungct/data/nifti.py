@@ -16,21 +16,26 @@ import numpy as np
 
 from lungct.data.errors import ScanError
 
-# Plausibility rules for a CT volume (see `validate_volume`). The minimum size of a
-# usable scan is a rule in millimetres that depends on the geometry chosen
-# (`lungct.data.preprocess.check_geometry`); here only "3D with >= 2 voxels per axis".
-MIN_AXIS_VOXELS = 2
+# Plausibility rules for a CT volume (see `validate_volume`). They reject what cannot be
+# CT in Hounsfield units, never what is merely unusual. Whether a scan is big enough is a
+# rule of the geometry chosen (`lungct.data.preprocess.check_geometry`), not of the reader:
+# any 3D volume with at least one voxel per axis is read.
 MAX_SPACING_MM = 20.0
-# CT in HU always shows air (about -1000) and soft tissue (about 0..+60) in
-# the field of view. Requiring min < -500 and max > -200 rejects raw
-# 0..255 / 0..4095 images (min >= 0, slope/intercept lost), inverted or
-# normalised images (e.g. [0, 1] or [-1, 1]) and volumes of air only.
-HU_MIN_BELOW = -500.0
-HU_MAX_ABOVE = -200.0
+# A CT image of the chest in HU always holds something below 0 HU (lung about -850, air
+# -1000, fat -100). An image with no negative voxel is raw stored values (scl_slope /
+# scl_inter lost: 0..4095), an 8-bit export (0..255), [0, 1]-normalised data or an MRI
+# magnitude image. Checked on the 364 real LIDC-IDRI crops of ../shared/data/lidc_indeterminate
+# (their minima span -1072..-789 HU) and on a tight lung crop with no soft tissue
+# (LIDC-IDRI-0269_R_1: [-935, -506] HU), both kept.
+HU_NEEDS_BELOW = 0.0
+# A volume whose every voxel lies within +-20 is normalised data ([-1, 1], z-scores), not
+# HU: no tissue but water sits within 20 HU of 0, and CT noise alone spans more (the
+# smallest span of the 364 real crops is 429 HU, their smallest standard deviation 47 HU).
+NORMALISED_WITHIN = 20.0
 # The standard 12-bit CT range ends at 3071 HU (dense bone, contrast, metal clips).
 # Metal or streak artefacts can exceed it in a few voxels; an MRI or any other
 # non-HU image puts much of its tissue above it. More than this fraction of voxels
-# above 3071 HU is not CT.
+# above 3071 HU is not CT. (Real crops: at most a few voxels at exactly 3071.)
 HU_TOP = 3071.0
 MAX_FRACTION_ABOVE_TOP = 0.005
 
@@ -52,13 +57,16 @@ class Scan:
 
 
 def validate_volume(volume: np.ndarray, spacing: Sequence[float],
-                    path: str | os.PathLike = "<array>") -> None:
-  """Raises ScanError unless `volume` (x, y, z) HU and `spacing` look like CT.
+                    path: str | os.PathLike = "<array>", *, hu: bool = True) -> None:
+  """Raises ScanError unless `volume` (x, y, z) HU and `spacing` can be CT.
 
-  Checks: 3 dimensions, real-valued, >= MIN_AXIS_VOXELS voxels per axis, finite
-  spacing in (0, MAX_SPACING_MM] mm, finite voxels, not constant, and HU-like
-  intensities (min < HU_MIN_BELOW, max > HU_MAX_ABOVE, at most
-  MAX_FRACTION_ABOVE_TOP of the voxels above HU_TOP).
+  Checks: 3 dimensions with >= 1 voxel each, real-valued, finite spacing in
+  (0, MAX_SPACING_MM] mm, finite voxels, not constant, and Hounsfield units: some voxel
+  below HU_NEEDS_BELOW (0 HU), not every voxel within +-NORMALISED_WITHIN, at most
+  MAX_FRACTION_ABOVE_TOP of the voxels above HU_TOP. A tight crop of lung with no soft
+  tissue (max -506 HU) or of air with noise is CT and passes.
+  hu=False (a volume for a model trained on MedMNIST's scaled intensities): instead of
+  the HU rules, values must lie in [0, 255] (uint8-like) or [0, 1].
   """
   volume = np.asarray(volume)
   spacing = np.asarray(spacing, dtype=np.float64)
@@ -66,9 +74,8 @@ def validate_volume(volume: np.ndarray, spacing: Sequence[float],
     raise ScanError(path, f"expected a 3D volume, got {volume.ndim}D with shape {volume.shape}")
   if np.iscomplexobj(volume):
     raise ScanError(path, f"complex-valued voxels ({volume.dtype}): not a CT magnitude image")
-  if min(volume.shape) < MIN_AXIS_VOXELS:
-    raise ScanError(path, f"too few voxels along an axis: shape {volume.shape} "
-                          f"(need >= {MIN_AXIS_VOXELS} per axis to interpolate)")
+  if min(volume.shape) < 1:
+    raise ScanError(path, f"empty volume: shape {volume.shape}")
   if spacing.shape != (3,):
     raise ScanError(path, f"expected 3 spacing values, got {spacing.tolist()}")
   if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) or np.any(spacing > MAX_SPACING_MM):
@@ -81,18 +88,27 @@ def validate_volume(volume: np.ndarray, spacing: Sequence[float],
   vmin, vmax = float(volume.min()), float(volume.max())
   if vmin == vmax:
     raise ScanError(path, f"constant volume (every voxel is {vmin:g})")
-  if not (vmin < HU_MIN_BELOW and vmax > HU_MAX_ABOVE):
-    raise ScanError(path, f"intensities [{vmin:g}, {vmax:g}] do not look like Hounsfield units "
-                          f"(CT needs air: min < {HU_MIN_BELOW:g}, and tissue: max > {HU_MAX_ABOVE:g}); "
-                          "missing scl_slope/scl_inter or not a CT?")
+  if not hu:
+    if vmin < 0 or vmax > 255:
+      raise ScanError(path, f"intensities [{vmin:g}, {vmax:g}]: the model was trained on volumes already "
+                            "scaled to [0, 1] or 0..255 (MedMNIST), not Hounsfield units")
+    return
+  if vmin >= HU_NEEDS_BELOW:
+    raise ScanError(path, f"intensities [{vmin:g}, {vmax:g}] do not look like Hounsfield units: no voxel "
+                          f"below {HU_NEEDS_BELOW:g} (CT of the chest holds lung, air or fat); raw stored "
+                          "values (scl_slope/scl_inter lost), an 8-bit or normalised export, or not a CT?")
+  if max(abs(vmin), abs(vmax)) <= NORMALISED_WITHIN:
+    raise ScanError(path, f"intensities [{vmin:g}, {vmax:g}] do not look like Hounsfield units: every voxel "
+                          f"within +-{NORMALISED_WITHIN:g} (normalised data such as [-1, 1] or z-scores?)")
   above = float(np.count_nonzero(volume > HU_TOP)) / volume.size
   if above > MAX_FRACTION_ABOVE_TOP:
     raise ScanError(path, f"{100 * above:.1f}% of voxels exceed {HU_TOP:g} HU (max {vmax:g}): "
                           "not CT Hounsfield units (an MRI or a rescaled image?)")
 
 
-def load_scan(path: str | os.PathLike) -> Scan:
-  """Loads a NIfTI CT scan in canonical RAS orientation, float32 HU.
+def load_scan(path: str | os.PathLike, *, hu: bool = True) -> Scan:
+  """Loads a NIfTI CT scan in canonical RAS orientation, float32 HU (hu=False: values
+  already scaled, checked by `validate_volume(hu=False)`).
 
   Raises:
     ScanError: the file is missing, unreadable, truncated, not 3D, or fails
@@ -125,7 +141,7 @@ def load_scan(path: str | os.PathLike) -> Scan:
   # The voxel size is that of the affine used to reorient (the sform or qform nibabel
   # chose), not the header's pixdim: the two can disagree.
   spacing = spacing_from_affine(img.affine)
-  validate_volume(volume, spacing, path)
+  validate_volume(volume, spacing, path, hu=hu)
   return Scan(volume=volume, spacing=spacing, affine=np.asarray(img.affine, dtype=np.float64),
               path=path)
 

@@ -36,8 +36,13 @@ AIR_HU = -1000.0
 STORED_DTYPE = np.float16
 FITS = ("resize", "crop_or_pad")
 CROP_CENTERS = ("center", "mask")
-# A scan must span at least this many mm along every axis (data.min_extent_mm).
-DEFAULT_MIN_EXTENT_MM = 5.0
+# data.min_extent_mm: an optional floor (mm along every axis); 0 = none. Nothing in the
+# preparation needs one: crop_or_pad pads any crop, resize has its stretch limit.
+DEFAULT_MIN_EXTENT_MM = 0.0
+# Millimetre limits are compared with this tolerance: 4 slices x 1.25 mm read from a
+# header as float32 are 5.0 mm within rounding and pass a 5 mm limit.
+MM_TOLERANCE = 0.01
+DEFAULT_MAX_STRETCH = 16.0
 
 
 def to_dhw(vol_xyz: np.ndarray) -> np.ndarray:
@@ -178,7 +183,7 @@ def resample_to_spacing(vol: np.ndarray, spacing: Sequence[float], target_spacin
   if np.any(target <= 0) or np.any(spacing <= 0):
     raise ValueError(f"spacings must be > 0, got {spacing.tolist()} -> {target.tolist()}")
   n = np.asarray(vol.shape, dtype=np.float64)
-  shape = tuple(int(m) for m in np.maximum(1, np.rint(n * spacing / target)))
+  shape = resampled_shape(vol.shape, spacing, target)
   if shape == vol.shape and np.allclose(spacing, target):
     return vol if order == 0 else vol.astype(np.float32, copy=False)
   step = target / spacing  # Input voxels per output voxel.
@@ -194,6 +199,22 @@ def resample_to_spacing(vol: np.ndarray, spacing: Sequence[float], target_spacin
   out = ndimage.affine_transform(vol, step, offset=offset, output_shape=shape, order=order,
                                  mode="nearest", prefilter=order > 1)
   return out.astype(np.float32, copy=False)
+
+
+def resampled_shape(in_shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+  """The shape `resample_to_spacing` gives: round(n * spacing / target) voxels per axis, at least 1."""
+  n = np.asarray(in_shape, dtype=np.float64)
+  return tuple(int(m) for m in np.maximum(1, np.rint(n * np.asarray(spacing, np.float64) / np.asarray(target, np.float64))))
+
+
+def resampled_point(point: Sequence[float], in_shape: Sequence[int], spacing: Sequence[float],
+                    target: Sequence[float]) -> np.ndarray:
+  """Voxel coordinates `point` of a volume (in_shape, spacing) in the volume `resample_to_spacing` makes
+  at `target` (the inverse of its sampling: input = offset + step * output)."""
+  n = np.asarray(in_shape, dtype=np.float64)
+  step = np.asarray(target, np.float64) / np.asarray(spacing, np.float64)
+  offset = (n - 1) / 2.0 - (np.asarray(resampled_shape(in_shape, spacing, target)) - 1) / 2.0 * step
+  return (np.asarray(point, np.float64) - offset) / step
 
 
 def target_spacing(data_cfg: Any) -> tuple[float, ...]:
@@ -232,32 +253,36 @@ def _crop_center(data_cfg: Any) -> str:
 
 def check_geometry(shape_dhw: Sequence[int], spacing_dhw: Sequence[float], data_cfg: Any,
                    path: str = "<array>") -> None:
-  """ScanError unless a scan of this shape and spacing can be preprocessed sensibly.
+  """ScanError unless a scan of this shape and spacing can be prepared as configured.
 
-  The rule is in millimetres: every axis must span at least data.min_extent_mm
-  (default 5 mm, below the smallest nodule worth reporting) and have 2 voxels (to
-  interpolate). So a 3-slice crop at 2.5 mm (7.5 mm) is kept. With fit="resize" the
-  volume is stretched to data.shape, so an axis may also not be stretched more than
-  data.max_stretch times (default 16) its physical extent in output voxels.
+  fit="crop_or_pad": any scan with >= 1 voxel per axis (the crop is padded with air to
+  data.shape; padding is the point). Checked on the 364 real LIDC-IDRI crops of
+  ../shared/data/lidc_indeterminate, 38 of which span under 5 mm along z (the thinnest:
+  LIDC-IDRI-0341_R_4, 2 slices of 1.25 mm = 2.5 mm): all kept.
+  fit="resize": the scan is stretched to data.shape, so an axis may not be stretched more
+  than data.max_stretch (16) times its extent in output voxels (a 2-slice crop stretched
+  to 48 slices is refused, naming crop_or_pad).
+  data.min_extent_mm (default 0 = none) is an optional floor in mm per axis, compared
+  with a tolerance of MM_TOLERANCE mm (4 x 1.25 mm passes a 5 mm floor).
   """
   shape = np.asarray(shape_dhw, dtype=np.float64)
   spacing = np.asarray(spacing_dhw, dtype=np.float64)
   extent = shape * spacing
+  dims = "x".join(str(int(s)) for s in shape)
   min_mm = float(data_cfg.get("min_extent_mm", DEFAULT_MIN_EXTENT_MM) or 0.0)
-  if np.any(shape < 2) or np.any(extent < min_mm):
+  if np.any(shape < 1) or np.any(extent < min_mm - MM_TOLERANCE):
     axis = int(np.argmin(extent))
-    raise ScanError(path, f"too small: {'x'.join(str(int(s)) for s in shape)} voxels span "
-                          f"{' x '.join(f'{e:.1f}' for e in extent)} mm (z, y, x); axis {axis} "
-                          f"needs >= {min_mm:g} mm and >= 2 voxels (data.min_extent_mm)")
+    raise ScanError(path, f"too small: {dims} voxels span {' x '.join(f'{e:.2f}' for e in extent)} mm "
+                          f"(z, y, x); axis {axis} is under data.min_extent_mm={min_mm:g} mm")
   if _fit(data_cfg) == "resize":
     target = np.asarray(target_spacing(data_cfg) or spacing)
     n_after = np.maximum(1, np.rint(extent / target))
     stretch = np.asarray(data_cfg.shape, dtype=np.float64) / n_after
-    max_stretch = float(data_cfg.get("max_stretch", 16.0) or np.inf)
-    if np.any(stretch > max_stretch):
-      raise ScanError(path, f"{'x'.join(str(int(s)) for s in shape)} voxels would be stretched "
-                            f"{stretch.max():.0f}x to data.shape {tuple(data_cfg.shape)} "
-                            f"(data.max_stretch={max_stretch:g}); use data.fit='crop_or_pad'")
+    max_stretch = float(data_cfg.get("max_stretch", DEFAULT_MAX_STRETCH) or np.inf)
+    if np.any(stretch > max_stretch * (1 + 1e-9)):
+      raise ScanError(path, f"{dims} voxels would be stretched {stretch.max():.0f}x to data.shape "
+                            f"{tuple(data_cfg.shape)} (data.max_stretch={max_stretch:g}); "
+                            "use data.fit='crop_or_pad'")
 
 
 def round_stored(image: np.ndarray) -> np.ndarray:
@@ -266,7 +291,8 @@ def round_stored(image: np.ndarray) -> np.ndarray:
 
 
 def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cfg: Any,
-                      mask_dhw: np.ndarray | None = None, *, hu: bool = True) -> dict[str, np.ndarray]:
+                      mask_dhw: np.ndarray | None = None, *, hu: bool = True,
+                      center_dhw: Sequence[float] | None = None) -> dict[str, np.ndarray]:
   """One volume (and optional lesion mask) -> the model-facing arrays.
 
   Args:
@@ -276,6 +302,8 @@ def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cf
     mask_dhw: optional label mask (D, H, W), same grid as the volume.
     hu: window data.hu_window to [0, 1] (padding is air, -1000 HU); False: clip to
       [0, 1] (padding is 0).
+    center_dhw: with crop_center="mask" and no (or an empty) mask, the lesion centre in
+      voxel coordinates of `vol_dhw` (predict's data given as a centre, not a mask).
 
   Returns:
     dict(image=float32 data.shape in [0, 1], rounded through STORED_DTYPE;
@@ -290,6 +318,10 @@ def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cf
   if mask is not None and mask.shape != vol.shape:
     raise ValueError(f"mask shape {mask.shape} differs from the volume's {vol.shape}")
   target = target_spacing(data_cfg)
+  if center_dhw is not None:
+    center_dhw = np.asarray(center_dhw, np.float64)
+    if target:
+      center_dhw = resampled_point(center_dhw, vol.shape, spacing, target)
   if target:
     vol = resample_to_spacing(vol, spacing, target, order=1, anti_aliasing=anti_alias)
     if mask is not None:
@@ -301,7 +333,10 @@ def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cf
     vol = resize(vol, shape, order=1, anti_aliasing=anti_alias)
     mask = None if mask is None else resize(mask, shape, order=0)
   else:
-    center = mask_center(mask) if _crop_center(data_cfg) == "mask" else None
+    center = None
+    if _crop_center(data_cfg) == "mask":
+      center = mask_center(mask)
+      center = center_dhw if center is None else center
     starts = crop_starts(vol.shape, shape, center)
     vol = crop_or_pad(vol, shape, starts, pad)
     mask = None if mask is None else crop_or_pad(mask, shape, starts, 0)
@@ -326,8 +361,9 @@ def preprocess_mask(mask_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cfg
 
 
 def preprocess_scan(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None = None,
-                    *, hu: bool = True) -> dict[str, np.ndarray]:
-  """A loaded Scan (and optional lesion mask, (x, y, z)) -> what the dataset stores.
+                    *, hu: bool = True, center_xyz: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+  """A loaded Scan (and optional lesion mask, (x, y, z), or lesion centre in its voxel
+  coordinates (x, y, z)) -> what the dataset stores.
 
   Returns:
     dict(image=float32 (D, H, W) in [0, 1] exactly as stored, mask=uint8
@@ -339,7 +375,7 @@ def preprocess_scan(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None
   check_geometry(vol.shape, spacing, data_cfg, scan.path)
   try:
     out = preprocess_arrays(vol, spacing, data_cfg, None if mask_xyz is None else to_dhw(mask_xyz),
-                            hu=hu)
+                            hu=hu, center_dhw=None if center_xyz is None else np.asarray(center_xyz)[::-1])
   except ScanError:
     raise
   except ValueError as e:
@@ -348,12 +384,20 @@ def preprocess_scan(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None
               orig_shape=np.asarray(vol.shape, dtype=np.int32))
 
 
-def model_input(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None = None) -> np.ndarray:
+def needs_lesion(data_cfg: Any) -> bool:
+  """Whether a scan is prepared around its lesion (fit="crop_or_pad", crop_center="mask"): then a model
+  input needs the lesion's mask or centre, as the training examples had."""
+  return _fit(data_cfg) == "crop_or_pad" and _crop_center(data_cfg) == "mask"
+
+
+def model_input(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None = None, *, hu: bool = True,
+                center_xyz: Sequence[float] | None = None) -> np.ndarray:
   """The float32 (D, H, W, 1) array the model sees for `scan`: the stored example's image.
 
   The dataset builder stores exactly this (its values survive the round trip through
   STORED_DTYPE unchanged) and `--mode=predict` feeds exactly this. With
-  data.crop_center="mask" the crop follows `mask_xyz` when given (training builds
-  pass the lesion mask; without one the crop is centred on the scan).
+  data.crop_center="mask" the crop follows `mask_xyz` (training builds pass the lesion
+  mask) or `center_xyz` (voxel coordinates); predict refuses a scan with neither
+  (`needs_lesion`). hu=False: intensities already in [0, 1] (MedMNIST), no HU window.
   """
-  return preprocess_scan(scan, data_cfg, mask_xyz)["image"][..., None]
+  return preprocess_scan(scan, data_cfg, mask_xyz, hu=hu, center_xyz=center_xyz)["image"][..., None]

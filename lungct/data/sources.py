@@ -25,8 +25,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import io
 import os
+import re
 from typing import Any, Mapping
 
 import nibabel as nib
@@ -62,15 +64,27 @@ class Item:
 
 
 def study_id_of(filename: str) -> str:
-  base = os.path.basename(os.path.normpath(filename))
+  """The study id of a listed file or series folder: its path relative to the data dir
+  with "/" separators and without the NIfTI suffix (`LIDC-0001/nodule_1.nii.gz` ->
+  `LIDC-0001/nodule_1`), so per-patient folders holding files of the same name
+  (`LIDC-0002/nodule_1.nii.gz`) give distinct ids. Shown as such in every table and CSV;
+  `safe_name` turns it into a file name."""
+  rel = os.path.normpath(filename).replace(os.sep, "/")
   for suffix in NIFTI_SUFFIXES:
-    if base.endswith(suffix):
-      return base[: -len(suffix)]
-  return os.path.splitext(base)[0] if not os.path.isdir(filename) else base
+    if rel.endswith(suffix):
+      return rel[: -len(suffix)]
+  return rel
+
+
+def safe_name(study_id: str) -> str:
+  """A file-name form of a study id: `/` -> `__`, anything but letters, digits, `.`, `_`, `-`
+  -> `_` (`LIDC-0001/nodule_1` -> `LIDC-0001__nodule_1`)."""
+  return re.sub(r"[^A-Za-z0-9._-]", "_", str(study_id).replace("/", "__"))
 
 
 def _inside(root: str, rel: str, where: str, column: str, want_dir: bool = False) -> str:
-  """Resolves `rel` under `root`; DataError if absolute, escaping root or missing."""
+  """Resolves `rel` under `root`; DataError if absolute, escaping root (by `..` or by a
+  symbolic link leading outside it) or missing."""
   if not rel:
     raise DataError(f"{where}: empty {column}")
   if os.path.isabs(rel) or rel.startswith("~"):
@@ -83,7 +97,17 @@ def _inside(root: str, rel: str, where: str, column: str, want_dir: bool = False
   if not ok:
     kind = "folder" if want_dir else "file"
     raise DataError(f"{where}: {column} {rel!r} not found (looked for the {kind} {path})")
+  real_root, real = os.path.realpath(root), os.path.realpath(path)
+  if os.path.commonpath([real_root, real]) != real_root:
+    raise DataError(f"{where}: {column} {rel!r} is a symbolic link leading outside the data dir {root} "
+                    f"(to {real}); copy the file into the data dir")
   return path
+
+
+def labels_csv_path(manual_dir: str, labels_csv: str) -> str:
+  """data.labels_csv as a path: absolute as given, a relative one inside data.manual_dir."""
+  labels_csv = os.path.expanduser(str(labels_csv))
+  return labels_csv if os.path.isabs(labels_csv) else os.path.join(manual_dir, labels_csv)
 
 
 def _int_field(value: str, where: str, column: str, low: int, high: int | None) -> int:
@@ -136,17 +160,17 @@ def list_folder_items(manual_dir: str, labels_csv: str, *, series_folders: bool 
 
   Columns (header required): filename, label (0 / 1; optional when `targets` are given, then -1 =
   unknown), optional patient_id (default: the study id), grade (-1..4, default -1), mask (a mask
-  file) and one column per target name (numbers; empty = missing). Paths are relative
-  to `manual_dir` and must stay inside it. series_folders: each filename is a folder
-  holding one DICOM series (source "dicom").
+  file) and one column per target name (numbers; empty = missing). `labels_csv` is a path
+  relative to `manual_dir` (or absolute); the listed paths are relative to `manual_dir`
+  and must stay inside it. Study ids are the relative paths (`study_id_of`).
+  series_folders: each filename is a folder holding one DICOM series (source "dicom").
   """
-  csv_path = labels_csv
-  if not os.path.isabs(csv_path) and not os.path.isfile(csv_path):
-    csv_path = os.path.join(manual_dir, labels_csv)
-  if not os.path.isfile(csv_path):
-    raise DataError(f"labels CSV {labels_csv!r} not found (also looked in {manual_dir})")
   if not os.path.isdir(manual_dir):
     raise DataError(f"data dir {manual_dir!r} (data.manual_dir) does not exist")
+  csv_path = labels_csv_path(manual_dir, labels_csv)
+  if not os.path.isfile(csv_path):
+    raise DataError(f"labels CSV {labels_csv!r} (data.labels_csv) not found: looked for {csv_path} "
+                    "(a relative data.labels_csv is read inside data.manual_dir)")
   columns, rows = _read_csv(csv_path)
   missing = ({"filename"} if targets else {"filename", "label"}) - set(columns)
   if missing:
@@ -164,9 +188,10 @@ def list_folder_items(manual_dir: str, labels_csv: str, *, series_folders: bool 
     if norm in seen_files:
       raise DataError(f"{where}: duplicate filename {r['filename']!r} (first at row {seen_files[norm]})")
     seen_files[norm] = row
-    study_id = study_id_of(path)
+    study_id = study_id_of(r["filename"])
     if study_id in seen_ids:
-      raise DataError(f"{where}: duplicate study id {study_id!r} (first at row {seen_ids[study_id]})")
+      raise DataError(f"{where}: duplicate study id {study_id!r} (first at row {seen_ids[study_id]}; "
+                      "the id is the path without .nii / .nii.gz)")
     seen_ids[study_id] = row
     label = _int_field(r["label"], where, "label", 0, 1) if r.get("label", "") or not targets else -1
     grade = -1
@@ -296,6 +321,39 @@ def list_items(data_cfg: Mapping[str, Any]) -> list[Item]:
   raise DataError(f"data.source must be one of {SOURCES}, got {source!r}")
 
 
+def _stat(path: str) -> list[int]:
+  st = os.stat(path)
+  return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def source_files(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """What a dataset is read from, for its identity: the labels CSV's sha256 and each
+  listed file's [size, modification time in ns] by its path relative to data.manual_dir
+  ({} for the generated sources). Lists the source (DataError for a bad listing); reads
+  no volume, only the CSV."""
+  source = data_cfg.get("source", "synthetic")
+  if source in ("synthetic", "nodules"):
+    return {}
+  items = list_items(data_cfg)
+  root = str(data_cfg.get("manual_dir", ""))
+  out: dict[str, Any] = {}
+  if source in ("folder", "dicom"):
+    with open(labels_csv_path(root, str(data_cfg["labels_csv"])), "rb") as f:
+      out["labels_csv"] = hashlib.sha256(f.read()).hexdigest()
+  if source == "medmnist":
+    out["files"] = {os.path.basename(items[0].path): _stat(items[0].path)}
+    return out
+  files = {}
+  for it in items:
+    paths = [it.path] + ([it.mask_path] if it.mask_path else [])
+    if source == "dicom":  # every file of the series folder
+      paths = [os.path.join(it.path, n) for n in sorted(os.listdir(it.path)) if not n.startswith(".")] + paths[1:]
+    for p in paths:
+      files[os.path.relpath(p, root).replace(os.sep, "/")] = _stat(p)
+  out["files"] = files
+  return out
+
+
 @functools.lru_cache(maxsize=3)
 def _medmnist_images(path: str, split: str, mtime: float) -> np.ndarray:
   """A split's image array, read once per build (an .npz member is read whole on access);
@@ -305,15 +363,43 @@ def _medmnist_images(path: str, split: str, mtime: float) -> np.ndarray:
     return np.asarray(z[f"{split}_images"])
 
 
-def load_mask(path: str, shape_xyz) -> np.ndarray:
-  """A lesion mask file -> uint8 (x, y, z) in canonical orientation; ScanError if bad."""
+# A mask is on its scan's grid when its voxel-to-world affine (both in canonical
+# orientation) places every corner of the volume within this fraction of the scan's
+# smallest voxel of the scan's own corner. Real LIDC-IDRI masks (364 of
+# ../shared/data/lidc_indeterminate) have affines identical to their scans'.
+MASK_GRID_TOLERANCE_VOXELS = 0.1
+
+
+def grid_mismatch(affine_a: np.ndarray, affine_b: np.ndarray, shape_xyz) -> float:
+  """The largest distance (mm) between where two affines put the corners of a `shape_xyz` grid."""
+  corners = np.array([[i, j, k, 1.0] for i in (0, shape_xyz[0] - 1) for j in (0, shape_xyz[1] - 1)
+                      for k in (0, shape_xyz[2] - 1)]).T
+  a, b = np.asarray(affine_a, np.float64) @ corners, np.asarray(affine_b, np.float64) @ corners
+  return float(np.max(np.linalg.norm(a[:3] - b[:3], axis=0)))
+
+
+def load_mask(path: str, scan: nifti.Scan) -> np.ndarray:
+  """A lesion mask file -> uint8 (x, y, z) on `scan`'s grid (canonical orientation).
+
+  ScanError naming both files when it cannot be read, or its shape or affine (within
+  MASK_GRID_TOLERANCE_VOXELS of a voxel at every corner) differ from the scan's: a mask
+  on another grid would overlap none of the lesion after resampling.
+  """
   try:
     img = nib.as_closest_canonical(nib.squeeze_image(nib.load(path)))
     mask = np.asarray(img.dataobj)
   except Exception as e:
     raise ScanError(path, f"cannot read mask ({type(e).__name__}: {e})") from e
-  if tuple(mask.shape) != tuple(shape_xyz):
-    raise ScanError(path, f"mask shape {mask.shape} differs from its scan's {tuple(shape_xyz)}")
+  shape_xyz = tuple(scan.volume.shape)
+  if tuple(mask.shape) != shape_xyz:
+    raise ScanError(path, f"mask shape {mask.shape} differs from its scan's {shape_xyz} ({scan.path})")
+  off = grid_mismatch(img.affine, scan.affine, shape_xyz)
+  tol = MASK_GRID_TOLERANCE_VOXELS * float(np.min(scan.spacing))
+  if not off <= tol:
+    raise ScanError(path, f"mask is not on the grid of its scan {scan.path}: their affines place the "
+                          f"volume's corners up to {off:.2f} mm apart (tolerance {tol:.3f} mm); mask "
+                          f"spacing {np.round(nifti.spacing_from_affine(img.affine), 3).tolist()} mm, "
+                          f"scan {np.round(scan.spacing, 3).tolist()} mm")
   return (mask > 0).astype(np.uint8)
 
 
@@ -331,6 +417,82 @@ class Loaded:
 def target_vector(loaded: Loaded, names: tuple[str, ...]) -> np.ndarray:
   """float32 (len(names),): the study's values of ``names``, NaN where it has none."""
   return np.asarray([loaded.targets.get(n, np.nan) for n in names], np.float32)
+
+
+def is_hu(data_cfg: Mapping[str, Any]) -> bool:
+  """Whether data_cfg's scans are in Hounsfield units (windowed by data.hu_window); False for MedMNIST,
+  whose volumes are already scaled (`unit_intensities`)."""
+  return data_cfg.get("source", "synthetic") != "medmnist"
+
+
+def unit_intensities(vol: np.ndarray) -> np.ndarray:
+  """An already-scaled volume (MedMNIST: uint8 0..255, or floats in [0, 1]) as float32 in [0, 1]."""
+  vol = np.asarray(vol, dtype=np.float32)
+  return vol / np.float32(255.0 if vol.max(initial=0) > 1.0 else 1.0)
+
+
+def load_for_model(path: str, data_cfg: Mapping[str, Any]) -> nifti.Scan:
+  """A NIfTI file read with the intensities of the data a model was trained on (`is_hu`): HU, or values
+  already scaled to [0, 1] for a MedMNIST-trained model. ScanError if it cannot be used."""
+  if is_hu(data_cfg):
+    return nifti.load_scan(path)
+  scan = nifti.load_scan(path, hu=False)
+  return dataclasses.replace(scan, volume=unit_intensities(scan.volume))
+
+
+LESION_COORDS = ("voxel", "world")
+
+
+def read_lesions(csv_path: str) -> dict[str, dict[str, Any]]:
+  """predict.lesions: where each scan's lesion is, for models trained on mask-centred crops.
+
+  A CSV with a `filename` column (the scan, as listed in predict.input: relative to that folder, or its
+  file name) and either `mask` (a mask NIfTI on the scan's grid, relative to the CSV's folder) or `x,y,z`
+  with `coords` = `voxel` (indices of the file's array, as a viewer shows them) or `world` (RAS mm of the
+  file's affine). Returns {filename: {"mask": path} or {"point": (x, y, z), "coords": ...}}; DataError
+  naming the row for a bad one.
+  """
+  if not os.path.isfile(csv_path):
+    raise DataError(f"lesions CSV {csv_path!r} (config.predict.lesions) not found")
+  columns, rows = _read_csv(csv_path)
+  if "filename" not in columns or not ({"mask"} <= set(columns) or {"x", "y", "z"} <= set(columns)):
+    raise DataError(f"{csv_path}: header must name filename and mask, or filename,x,y,z[,coords]; got {columns}")
+  out = {}
+  for i, r in enumerate(rows):
+    where = f"{csv_path} row {i + 2}"
+    name = os.path.normpath(r["filename"]).replace(os.sep, "/")
+    if name in out:
+      raise DataError(f"{where}: duplicate filename {r['filename']!r}")
+    if r.get("mask", ""):
+      out[name] = {"mask": os.path.join(os.path.dirname(os.path.abspath(csv_path)), r["mask"])}
+      continue
+    coords = r.get("coords", "") or "voxel"
+    if coords not in LESION_COORDS:
+      raise DataError(f"{where}: coords {coords!r} must be one of {LESION_COORDS}")
+    try:
+      point = tuple(float(r[k]) for k in ("x", "y", "z"))
+    except (KeyError, ValueError):
+      raise DataError(f"{where}: neither a mask nor numeric x, y, z") from None
+    out[name] = {"point": point, "coords": coords}
+  return out
+
+
+def lesion_of(scan: nifti.Scan, lesion: Mapping[str, Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """(mask (x, y, z) on the scan's canonical grid or None, centre in its canonical voxel coordinates
+  (x, y, z) or None) for one `read_lesions` entry. ScanError for a mask off the scan's grid."""
+  if "mask" in lesion:
+    return load_mask(lesion["mask"], scan), None
+  point = np.asarray(lesion["point"], np.float64)
+  world = point
+  if lesion["coords"] == "voxel":  # the file's own index order -> world (RAS mm) -> canonical indices
+    world = nib.load(scan.path).affine @ np.append(point, 1.0)
+    world = world[:3]
+  center = (np.linalg.inv(scan.affine) @ np.append(world, 1.0))[:3]
+  shape = np.asarray(scan.volume.shape)
+  if np.any(center < -0.5) or np.any(center > shape - 0.5):
+    raise ScanError(scan.path, f"lesion centre {point.tolist()} ({lesion['coords']}) lies outside the scan "
+                               f"(canonical voxel {np.round(center, 1).tolist()} of shape {shape.tolist()})")
+  return None, center
 
 
 def load_item(item: Item, data_cfg: Mapping[str, Any]) -> Loaded:
@@ -352,9 +514,8 @@ def load_item(item: Item, data_cfg: Mapping[str, Any]) -> Loaded:
     images = _medmnist_images(item.path, split, os.path.getmtime(item.path))
     vol = np.asarray(images[item.index], dtype=np.float32).reshape(images.shape[1:4])
     # MedMNIST volumes are (D, H, W) uint8 0..255 (or floats in [0, 1]) at an assumed 1 mm.
-    scale = 255.0 if vol.max(initial=0) > 1.0 else 1.0
     spacing = float(data_cfg.get("medmnist_spacing", 1.0) or 1.0)
-    vol_xyz = np.transpose(vol / np.float32(scale), (2, 1, 0))
+    vol_xyz = np.transpose(unit_intensities(vol), (2, 1, 0))
     scan = nifti.Scan(volume=vol_xyz, spacing=np.full(3, spacing), affine=np.diag([spacing] * 3 + [1.0]),
                       path=f"{item.path}[{item.study_id}]")
     return Loaded(scan, None, hu=False)
@@ -362,5 +523,5 @@ def load_item(item: Item, data_cfg: Mapping[str, Any]) -> Loaded:
     scan = dicom.load_series(item.path)
   else:
     scan = nifti.load_scan(item.path)
-  mask = load_mask(item.mask_path, scan.volume.shape) if item.mask_path else None
+  mask = load_mask(item.mask_path, scan) if item.mask_path else None
   return Loaded(scan, mask, targets=dict(item.targets))

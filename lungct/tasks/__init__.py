@@ -69,7 +69,8 @@ class Reports(Protocol):
   """--mode=report: `lungct.report` writes the page; the task gives its title, sections and figures."""
 
   def report_sections(self, predictor, sources: dict, workdir: str, out_dir: str) -> dict:
-    """{"title": str, "sections": [(heading, html, markdown)], "figures": {caption: png path}}."""
+    """{"title", "test_line", "checkpoint_step", "sections": [(heading, [blocks])], "figures": {caption: png},
+    "limitations"} for `lungct.report` to render, or {"page": (html, markdown)}: a page the task renders itself."""
 
 
 TASKS: dict[str, types.ModuleType] = {m.NAME: m for m in (classify, segment, attributes)}

@@ -75,7 +75,8 @@ BAD = {
     "raw255.nii.gz": (_raw_0_255, "do not look like Hounsfield units"),
     "mri.nii.gz": (_mri, "not CT Hounsfield units"),
     "complex.nii.gz": (_complex, "complex-valued voxels"),
-    "oneslice.nii.gz": (lambda p: nifti.save_scan(_phantom_hu(6)[:, :, :1], (1.5, 1.5, 3.0), p), "too few voxels"),
+    "normalised.nii.gz": (lambda p: _nii(p, (_phantom_hu(6) / 1500.0).astype(np.float32)),
+                          "within +-20"),
 }
 GOOD = [f"good{i}.nii.gz" for i in range(4)]
 
@@ -132,7 +133,7 @@ def test_fail_mode_stops_naming_the_file(tmp_path, folder):
 
 
 @pytest.mark.parametrize("rows, message", [
-    (["good0.nii.gz,0", "sub/good0.nii,1"], r"row 3: duplicate study id 'good0' \(first at row 2\)"),
+    (["good0.nii.gz,0", "good0.nii,1"], r"row 3: duplicate study id 'good0' \(first at row 2"),
     (["good0.nii.gz,0", "good1.nii.gz,2"], r"row 3: unknown label 2 \(must be in \[0, 1\]\)"),
     (["good0.nii.gz,0", "../scans/good1.nii.gz,1"], r"row 3: filename '../scans/good1.nii.gz' escapes"),
     (["good0.nii.gz,0", "sub/../../x.nii.gz,1"], r"row 3: filename 'sub/../../x.nii.gz' escapes"),
@@ -140,6 +141,7 @@ def test_fail_mode_stops_naming_the_file(tmp_path, folder):
 def test_csv_problems_stop_before_any_scan_is_read(tmp_path, folder, rows, message, monkeypatch):
   os.makedirs(folder / "sub", exist_ok=True)
   (folder / "sub" / "good0.nii").write_bytes(b"")
+  (folder / "good0.nii").write_bytes(b"")
   (tmp_path / "bad.csv").write_text("\n".join(["filename,label", *rows]) + "\n")
   calls = []
   monkeypatch.setattr(lung_ct.lung_ct, "make_example", lambda *a: calls.append(a))

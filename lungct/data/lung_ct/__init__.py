@@ -11,6 +11,7 @@ from lungct.data.lung_ct.lung_ct import (
     LungCtConfig,
     builder_for,
     changes_dataset,
+    check_classes,
     config_name,
     data_config,
     list_folder_items,
@@ -24,7 +25,7 @@ from lungct.data.lung_ct.lung_ct import (
 
 __all__ = [
     "INDEX_FILE", "REPORT_FILE", "SOURCES", "SPLITS", "Item", "make_example",
-    "LungCt", "LungCtConfig", "builder_for", "changes_dataset", "config_name", "data_config", "list_folder_items",
+    "LungCt", "LungCtConfig", "builder_for", "changes_dataset", "check_classes", "config_name", "data_config", "list_folder_items",
     "list_mosmeddata_items", "prepare", "read_build_report", "split_index", "split_patients",
     "summary_lines",
 ]

@@ -46,6 +46,7 @@ from lungct.data.sources import Item, SOURCES, list_folder_items, list_mosmeddat
 
 SPLITS = ("train", "validation", "test")
 REPORT_FILE = "build_report.json"
+FILES_FILE = "files.json"  # the build's `sources.source_files`: what it was read from
 INDEX_FILE = "index_{split}.json"
 MAX_GRADE = sources.MAX_GRADE
 # Above this fraction of skipped studies the build summary is a loud warning.
@@ -55,7 +56,7 @@ MAX_SKIP_LINES = 10
 # Data-config keys that do not change the written data (loader, augmentation, paths
 # of the output, label interpretation); every other key goes into the config name's hash.
 _NOT_DATA_KEYS = frozenset(
-    {"data_dir", "num_threads", "prefetch", "augment", "label", "num_classes", "on_bad_scan",
+    {"data_dir", "num_threads", "prefetch", "augment", "label", "num_classes", "class_names", "on_bad_scan",
      "build_workers", "beam_options"})
 _SOURCE_KEYS = {
     "synthetic": {"num_scans", "phantom_seed", "phantom_shape"},
@@ -124,6 +125,8 @@ class LungCtConfig(tfds.core.BuilderConfig):
   labels_csv: str = ""
   build_workers: int = 0
   data_cfg: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+  # What the data is read from (`sources.source_files`); its digest is part of the name.
+  files: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
   def __repr__(self) -> str:  # TFDS logs builder configs; keep it one short line.
     return f"LungCtConfig({self.name})"
@@ -158,45 +161,94 @@ def _abspath(path: str) -> str:
   return str(epath.Path(path).expanduser().absolute()) if path else ""
 
 
+# Every data key that changes the written data, with the value its absence means: a
+# config that omits a key and one that sets it to this default give the same dataset.
+DATA_DEFAULTS: dict[str, Any] = {
+    "source": "synthetic", "shape": (32, 64, 64), "hu_window": (-1000.0, 400.0), "target_spacing": (),
+    "fit": "resize", "crop_center": "center", "anti_aliasing": False,
+    "min_extent_mm": preprocess.DEFAULT_MIN_EXTENT_MM, "max_stretch": preprocess.DEFAULT_MAX_STRETCH,
+    "num_scans": 160, "phantom_seed": 0, "phantom_shape": (),
+    "split_fractions": (0.7, 0.15, 0.15), "split_seed": 0,
+    "medmnist_flag": "nodulemnist3d", "medmnist_size": 28, "medmnist_spacing": 1.0,
+}
+# Where the data lives: not hashed as strings; the files they name are (`source_files`).
+_LOCATION_KEYS = ("manual_dir", "labels_csv")
+
+
+def _canonical(value: Any) -> Any:
+  """One spelling per value: numbers as floats ((-1000, 400) == (-1000.0, 400.0)), tuples as lists."""
+  value = _plain(value)
+  if isinstance(value, bool) or value is None or isinstance(value, str):
+    return value
+  if isinstance(value, (int, float)):
+    return float(value)
+  if isinstance(value, list):
+    return [_canonical(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _canonical(v) for k, v in sorted(value.items())}
+  return value
+
+
 def _data_fields(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The data-config fields that change the written data, as plain values."""
-  fields = {k: v for k, v in _plain(data_cfg).items() if k not in _NOT_DATA_KEYS}
+  """The data-config settings that change the written data, in one canonical spelling:
+  defaults filled in, empty values ("", (), None) dropped, numbers as floats, and keys
+  that do nothing for this source or fit left out. The data's location is not here: the
+  files are (`source_files`)."""
+  plain = _plain(data_cfg)
+  fields = {k: plain.get(k, v) for k, v in DATA_DEFAULTS.items()}
+  fields.update({k: v for k, v in plain.items() if k not in _NOT_DATA_KEYS and k != "loader"})
   source = fields.get("source", "synthetic")
   for k in _ALL_SOURCE_KEYS - _SOURCE_KEYS.get(source, set()):
     fields.pop(k, None)  # Another source's fields do not change this source's data.
-  for k in ("manual_dir", "labels_csv"):
-    if fields.get(k):
-      fields[k] = _abspath(fields[k])
+  for k in _LOCATION_KEYS:
+    fields.pop(k, None)
   fields["target_spacing"] = list(preprocess.target_spacing(data_cfg))
-  if not fields.get("targets"):
-    fields.pop("targets", None)  # no targets: the dataset of a config without the key
-  return fields
+  fields["fit"] = fields.get("fit") or "resize"
+  fields["crop_center"] = fields.get("crop_center") or "center"
+  if fields["fit"] == "resize":
+    fields.pop("crop_center")  # resize does not crop
+  else:
+    fields.pop("max_stretch")  # crop_or_pad does not stretch
+  return {k: _canonical(v) for k, v in sorted(fields.items()) if v not in ("", None, (), [])}
+
+
+def files_digest(files: Mapping[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(_plain(files), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def config_name(data_cfg: ml_collections.ConfigDict, files: Mapping[str, Any] | None = None) -> str:
+  """A TFDS config name unique to everything that changes the data: its identity.
+
+  E.g. "synthetic-32x64x64-n160-s0-1a2b3c4d" (source, shape, generated sources' number
+  of scans and seed, 8 hex digits of the canonical settings `_data_fields`) and, for
+  sources read from files, "-f" + 8 hex digits of `sources.source_files` (the labels
+  CSV's content, each file's size and modification time), e.g.
+  "folder-32x32x32-5fea4371-fe11b16b4". Editing the CSV or replacing a scan gives a new
+  name, so a new build; the same settings spelled otherwise ((-1000, 400) or
+  (-1000.0, 400.0), a default set explicitly) and the same files elsewhere give the same name.
+  """
+  fields = _data_fields(data_cfg)
+  digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+  source = fields.get("source", "synthetic")
+  parts = [source, "x".join(str(int(s)) for s in fields["shape"])]
+  if source in ("synthetic", "nodules"):
+    parts += [f"n{int(fields['num_scans'])}", f"s{int(fields['phantom_seed'])}"]
+  parts.append(digest)
+  if source not in ("synthetic", "nodules"):
+    parts.append("f" + files_digest(sources.source_files(data_cfg) if files is None else files))
+  return "-".join(parts)
 
 
 def changes_dataset(key: str) -> bool:
   """Whether a config key ("data.shape", "shape", "loader.prefetch", ...) changes the built
   dataset: every data.* key except data_dir, build_workers, on_bad_scan and the label
-  interpretation (label, num_classes). The one list of such keys (issue 9)."""
+  interpretation (label, num_classes). The one list of such keys (issue 9). The data's
+  location (manual_dir, labels_csv) changes it through the files it names."""
   if key.startswith("data."):
     key = key[len("data."):]
   elif "." in key:
     return False  # loader.*, augment.*, model.*, train.*, ...
   return key.split(".")[0] not in _NOT_DATA_KEYS
-
-
-def config_name(data_cfg: ml_collections.ConfigDict) -> str:
-  """A TFDS config name unique to everything that changes the data.
-
-  E.g. "synthetic-32x64x64-n160-s0-1a2b3c4d": source, shape, (generated sources:
-  number of scans and seed) and an 8-hex-digit hash of all data fields.
-  """
-  fields = _data_fields(data_cfg)
-  digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
-  parts = [fields.get("source", "synthetic"), "x".join(str(int(s)) for s in fields["shape"])]
-  if parts[0] in ("synthetic", "nodules"):
-    parts += [f"n{int(fields['num_scans'])}", f"s{int(fields['phantom_seed'])}"]
-  parts.append(digest)
-  return "-".join(parts)
 
 
 def builder_for(data_cfg: ml_collections.ConfigDict, *, data_dir: str | None = None) -> "LungCt":
@@ -226,8 +278,9 @@ def builder_for(data_cfg: ml_collections.ConfigDict, *, data_dir: str | None = N
     raise DataError(f"data.source={source!r} needs data.labels_csv (filename,label[,patient_id][,grade][,mask])")
   plain = _plain(data_cfg)
   plain.pop("loader", None)
+  files = sources.source_files(data_cfg)  # DataError for a bad listing, before any file is written
   config = LungCtConfig(
-      name=config_name(data_cfg),
+      name=config_name(data_cfg, files),
       version=LungCt.VERSION,
       description=f"LungCt built from {source}",
       source=source,
@@ -246,6 +299,7 @@ def builder_for(data_cfg: ml_collections.ConfigDict, *, data_dir: str | None = N
       labels_csv=data_cfg.get("labels_csv", ""),
       build_workers=int(data_cfg.get("build_workers", 0)),
       data_cfg=plain,
+      files=files,
   )
   return LungCt(config=config, data_dir=_abspath(data_dir or data_cfg.data_dir))
 
@@ -257,11 +311,12 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, data_dir: str | None = None,
   The source's listing (CSV, folder layout) is validated before TFDS creates any file.
   Works without TensorFlow: the ArrayRecord writer of TFDS is plain Python.
   """
-  builder = builder_for(data_cfg, data_dir=data_dir)
+  builder = builder_for(data_cfg, data_dir=data_dir)  # lists the source: DataError before any file exists
   if not builder.is_prepared():
-    sources.list_items(data_config(builder.builder_config))  # Raises DataError before any file exists.
     if verbose:
-      print(f"lung_ct: building {builder.builder_config.name} in {builder.data_dir}")
+      why = rebuild_reason(builder)
+      print(f"lung_ct: building {builder.builder_config.name} in {builder.data_dir}"
+            + (f": {why}" if why else ""))
     beam_args = data_cfg.get("beam_options", "")
     download_config = tfds.download.DownloadConfig(
         manual_dir=builder.builder_config.manual_dir or None,
@@ -273,6 +328,37 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, data_dir: str | None = None,
     if not _index_path(builder, split).exists():
       _write_index(builder, split)
   return builder
+
+
+def _describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+  parts = []
+  if old.get("labels_csv") != new.get("labels_csv"):
+    parts.append("the labels CSV was edited")
+  a, b = old.get("files", {}), new.get("files", {})
+  for what, names in (("changed (size or modification time)", [k for k in b if k in a and a[k] != b[k]]),
+                      ("added", [k for k in b if k not in a]), ("removed", [k for k in a if k not in b])):
+    if names:
+      parts.append(f"{len(names)} file(s) {what}: {', '.join(sorted(names)[:3])}"
+                   + (", ..." if len(names) > 3 else ""))
+  return "; ".join(parts)
+
+
+def rebuild_reason(builder: "LungCt") -> str:
+  """Why a dataset read from files is built although one with the same settings exists
+  under data_dir (the newest such build): what changed in its files ("" if none exists)."""
+  cfg = builder.builder_config
+  if not cfg.files:
+    return ""
+  prefix = cfg.name.rsplit("-f", 1)[0] + "-f"
+  root = epath.Path(builder.data_dir).parent.parent
+  found = [d / str(LungCt.VERSION) / FILES_FILE for d in (root.iterdir() if root.exists() else [])
+           if d.name.startswith(prefix) and d.name != cfg.name]
+  found = [f for f in found if f.exists()]
+  if not found:
+    return ""
+  newest = max(found, key=lambda f: f.stat().mtime)
+  change = _describe_change(json.loads(newest.read_text()), cfg.files)
+  return f"the data changed since {newest.parent.parent.name} was built ({change or 'its files differ'})"
 
 
 def read_build_report(builder: "LungCt") -> dict[str, Any]:
@@ -308,6 +394,42 @@ def split_index(builder: "LungCt", split: str) -> list[dict[str, Any]]:
   if path.exists():
     return json.loads(path.read_text())
   return _write_index(builder, split)
+
+
+def check_classes(builder: "LungCt", label: str = "binary", num_classes: int = 2) -> list[str]:
+  """Checks the classes a classifier will learn and be scored on, before training starts (no volume read).
+
+  label="grade": every study's grade must be in [0, num_classes) (a CSV without a grade column gives -1,
+  "unknown"): else DataError naming the study, its split and the grade. label="binary": every split
+  must hold both labels (a one-class validation split has no AUC and no threshold to choose): else
+  DataError naming the split. Grades missing from a split are the documented fallback: returned as
+  WARNING lines (that grade's one-vs-rest AUC is undefined there), since a rare grade (MosMedData's
+  CT-4: 2 scans) cannot be in every split.
+  """
+  key, k = ("label", 2) if label == "binary" else ("grade", int(num_classes))
+  name = builder.builder_config.name
+  present = {}
+  for split in SPLITS:
+    index = split_index(builder, split)
+    for e in index:
+      if not 0 <= int(e[key]) < k:
+        what = "unknown (-1: no grade column, or an empty grade)" if int(e[key]) < 0 else f"{e[key]}"
+        raise DataError(f"lung_ct {name}: study {e['study_id']!r} ({split}) has grade {what}; "
+                        f"data.label='grade' needs grades in [0, {k}) (data.num_classes={k})")
+    present[split] = {int(e[key]) for e in index}
+  every = set().union(*present.values())
+  warnings = []
+  for split in SPLITS:
+    missing = sorted(every - present[split])
+    if not missing:
+      continue
+    if key == "label":
+      raise DataError(f"lung_ct {name}: split {split} holds no study with label {missing} (it has "
+                      f"{sorted(present[split])}): its AUC and thresholds are undefined; add scans of that "
+                      f"class (each class needs >= 3 patients), or change data.split_seed / data.split_fractions")
+    warnings.append(f"WARNING: lung_ct split {split} holds no study of grade(s) {missing}: their one-vs-rest "
+                    "AUC is undefined there")
+  return warnings
 
 
 # ----------------------------------------------------------------------------- splits
@@ -573,6 +695,8 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
     report = self._report
     # self.data_dir is the incomplete dir here; TFDS renames it when the build succeeds.
     (epath.Path(self.data_dir) / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    if self.builder_config.files:
+      (epath.Path(self.data_dir) / FILES_FILE).write_text(json.dumps(_plain(self.builder_config.files)))
     for line in summary_lines(report):
       print(line)
 
