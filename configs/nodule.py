@@ -5,11 +5,15 @@
     python -m lungct.main --config configs/nodule.py --workdir runs/my_nodules \
         --config.data.source=folder --config.data.manual_dir=/data/crops --config.data.labels_csv=labels.csv
 
+    # predict on crops of a model trained with this config: each scan's mask or lesion centre
+    python -m lungct.main --config configs/nodule.py --workdir runs/my_nodules --mode=predict \
+        --config.predict.input=/data/new_crops --config.predict.lesions=lesions.csv
+
 Geometry: every crop is resampled to 1 mm isotropic voxels and cut / padded with air to
 32^3 around the nodule (the centre of its mask's bounding box, or the crop's centre when
 it has no mask), so nodule size, the strongest malignancy cue, survives (the default
 "resize" would stretch a 4 mm and a 30 mm nodule to the same size). A 32 mm field of
-view holds LIDC's 3-30 mm nodules; thin crops (3-6 slices) are padded, not dropped.
+view holds LIDC's 3-30 mm nodules; thin crops (2-6 slices) are padded, not dropped.
 
 Model: a 3D ResNet-10 with a stride-1, 3x3x3 stem and no stem max-pool (as MedMNIST's 3D
 ResNets at 28^3 / 64^3), so the first stage sees every 1 mm voxel.

@@ -460,8 +460,8 @@ def decision_curve(thresholds: Sequence[float], model: Sequence[float], treat_al
                    operating_points: Sequence[Mapping[str, Any]] | None = None, title: str | None = None,
                    max_threshold: float | None = None) -> Figure:
   """Decision curve (Vickers & Elkin 2006): net benefit against threshold probability for the model (with its
-  interval band), treat all and treat none (0). ``operating_points``: dicts with name and threshold, marked on
-  the model's curve. The y range is clipped below at -0.05 (treat all falls steeply at high thresholds).
+  interval band), treat all and treat none (0). ``operating_points``: dicts with name, threshold and optionally
+  net_benefit (its exact value; else read off the curve), marked on the model's curve. The y range is clipped below at -0.05 (treat all falls steeply at high thresholds).
   Axes: 1; ax.lines[0] = model, [1] = treat all, [2] = treat none."""
   t = np.asarray(thresholds, dtype=np.float64)
   nb, nb_all = np.asarray(model, dtype=np.float64), np.asarray(treat_all, dtype=np.float64)
@@ -481,7 +481,8 @@ def decision_curve(thresholds: Sequence[float], model: Sequence[float], treat_al
     thr = op.get("threshold")
     if thr is None or not np.isfinite(thr) or not (t.min() <= thr <= t.max()):
       continue
-    y = float(np.interp(thr, t, nb))
+    y = op.get("net_benefit")
+    y = float(np.interp(thr, t, nb)) if y is None or not np.isfinite(y) else float(y)
     ax.plot([thr], [y], ls="none", marker=markers[k % len(markers)], ms=7, mec="black",
             label=f"{op.get('name', k)} (t = {float(thr):.2f})", zorder=3)
   finite = np.concatenate([nb[np.isfinite(nb)], nb_all[np.isfinite(nb_all)], [0.0]])

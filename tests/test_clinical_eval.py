@@ -86,6 +86,15 @@ def test_an_evaluation_of_other_weights_is_ignored(tmp_path):
   assert got is None and "eval.calibration='none'" in why
   with pytest.raises(FileNotFoundError, match="run --mode=eval first"):
     classify.choose_threshold(c, str(tmp_path), _fake_predictor(c, w=2.0))
+  # With the evaluation of these weights at this calibration, predict takes its threshold and temperature.
+  ev = classify.with_confidence(_split(0, scale=3.0), _split(1, scale=3.0), n_boot=20, seed=0,
+                                calibration="temperature")
+  ev.update(checkpoint_fingerprint=checkpoint.fingerprint(*_fake_predictor(c).variables[1:]))
+  (tmp_path / "eval_test.json").write_text(json.dumps(metrics.json_safe(ev), allow_nan=False))
+  threshold, why, rec = classify.choose_threshold(c, str(tmp_path), _fake_predictor(c))
+  assert threshold == ev["operating_points"]["youden"]["threshold"] and rec["temperature"] > 1.5
+  assert classify.calibrated(np.array([0.9]), rec)[0] == pytest.approx(
+      1 / (1 + np.exp(-np.log(9) / rec["temperature"])))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

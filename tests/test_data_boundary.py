@@ -230,6 +230,18 @@ def test_8_a_symlink_out_of_manual_dir_is_refused(tmp_path):
     sources.list_folder_items(str(root), "labels.csv")
 
 
+def test_8_a_dicom_slice_linked_from_outside_is_refused(tmp_path):
+  root = tmp_path / "dicom"
+  (root / "s1").mkdir(parents=True)
+  (root / "s1" / "IM0.dcm").write_bytes(b"x")
+  (tmp_path / "elsewhere.dcm").write_bytes(b"y")
+  os.symlink(tmp_path / "elsewhere.dcm", root / "s1" / "IM1.dcm")
+  (root / "labels.csv").write_text("filename,label\ns1,0\n")
+  d = _cfg(tmp_path / "tfds", root, source="dicom")
+  with pytest.raises(DataError, match=r"s1/IM1.dcm: a symbolic link leading outside the data dir"):
+    lung_ct.builder_for(d)  # before anything is read or written
+
+
 # ----------------------------------------------------------------------------- 13: predict input
 
 
@@ -304,3 +316,19 @@ def test_hu_rule_on_odd_files(tmp_path, name, make, refused):
   else:
     with pytest.raises(ScanError, match=refused):
       nifti.load_scan(path)
+
+
+def test_4_resuming_on_edited_data_is_refused_end_to_end(tmp_path):
+  """Through the loop: the checkpoints record the dataset identity; an edited CSV is refused on resume."""
+  from lungct import train
+  root = _folder(tmp_path, n_patients=9)
+  c = helpers.tiny_config(tmp_path / "tfds", **{
+      "data.source": "folder", "data.manual_dir": str(root), "data.labels_csv": "labels.csv",
+      "train.num_steps": 2})  # test_train's tiny model and shapes: one compilation in a suite run
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  first = lung_ct.config_name(c.data)
+  text = (root / "labels.csv").read_text()
+  (root / "labels.csv").write_text(text.replace(",1,P1,", ",0,P1,"))
+  with pytest.raises(config_check.ConfigError, match=rf"was trained on dataset {first} from {root} \+ labels.csv, "
+                                                     r"but the data now gives folder-\S+ from"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))

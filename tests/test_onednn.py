@@ -167,6 +167,101 @@ def test_eight_devices_train_step_matches_one():
   assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
 
 
+ISA_SCRIPT = textwrap.dedent('''
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from lungct.models.resnet3d import ResNet3D
+from lungct.ops import onednn_conv
+expect_isa = sys.argv[1]
+assert jax.device_count() == 8
+assert expect_isa in ("native", onednn_conv.isa()), (onednn_conv.isa(), expect_isa)
+has_bf16 = onednn_conv.isa().startswith("avx512_core")  # AVX-512 (bf16 emulated), AVX512_BF16, AMX
+dn = ("NDHWC", "DHWIO", "NDHWC")
+mesh = Mesh(np.array(jax.devices()), ("data",))
+batch, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+def close(a, b, tol):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  assert a.shape == b.shape and np.max(np.abs(a - b)) <= tol * np.max(np.abs(b)), (np.max(np.abs(a - b)), np.max(np.abs(b)))
+
+# Single convolutions of ResNet shapes (stem, strided 3^3, 1^3 projection), outputs and both gradients, the
+# batch sharded over the 8 devices (2 per device), against XLA on one device. One program for all three.
+shapes = [((9, 10, 11), 7, (1, 2, 2), [(3, 3)] * 3, 1, 4), ((6, 7, 8), 3, (2, 2, 2), "SAME", 4, 8),
+          ((6, 6, 6), 1, (2, 2, 2), "VALID", 4, 8)]
+keys = iter(jax.random.split(jax.random.PRNGKey(0), 6))
+xs = [jax.random.normal(next(keys), (16, *sp, ci)) for sp, k, s, pad, ci, co in shapes]
+ws = [jax.random.normal(next(keys), (k, k, k, ci, co)) / np.sqrt(k ** 3 * ci) for sp, k, s, pad, ci, co in shapes]
+def convs(fn, **kw):
+  loss = lambda xs, ws: sum(jnp.sum(jnp.sin(fn(x, w, sh[2], sh[3], dimension_numbers=dn)))
+                            for x, w, sh in zip(xs, ws, shapes))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), **kw).lower(xs, ws).compile()
+ref = jax.tree.leaves(convs(jax.lax.conv_general_dilated)(xs, ws))
+f = convs(onednn_conv.conv_general_dilated, in_shardings=([batch] * 3, [rep] * 3))
+assert f.as_text().count("lungct_onednn_conv_bwd_weights") >= 3
+for a, b in zip(jax.tree.leaves(f(xs, ws)), ref):
+  close(a, b, 1e-5)
+
+# bfloat16: oneDNN's result where the ISA has bf16 kernels, else XLA's (the fallback, warned once).
+xb = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 6, 7, 8)).astype(jnp.bfloat16)
+wb = (jax.random.normal(jax.random.PRNGKey(3), (3, 3, 3, 8, 8)) / 15).astype(jnp.bfloat16)
+conv = lambda fn: jax.jit(jax.value_and_grad(
+    lambda a, b: jnp.sum(fn(a, b, (1, 1, 1), "SAME", dimension_numbers=dn).astype(jnp.float32) ** 2),
+    argnums=(0, 1))).lower(xb, wb).compile()
+f = conv(onednn_conv.conv_general_dilated)
+assert ("lungct_onednn_conv_fwd" in f.as_text()) == has_bf16
+for a, b in zip(jax.tree.leaves(f(xb, wb)), jax.tree.leaves(conv(jax.lax.conv_general_dilated)(xb, wb))):
+  close(a, b, 2e-2 if has_bf16 else 0.0)
+
+# A ResNet-10 train-mode step (parallel branches: the projection shortcuts), batch-sharded over 8 devices,
+# repeated, against XLA on one device.
+def step_fn(impl):
+  model = ResNet3D(num_outputs=2, depth=10, width=4, conv_impl=impl, rngs=nnx.Rngs(0))
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  def loss(p, st, x):
+    m = nnx.merge(graphdef, p, st)
+    return jnp.mean(m(x, train=True) ** 2), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+  return jax.value_and_grad(loss, has_aux=True), nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+x = jax.random.normal(jax.random.PRNGKey(4), (8, 12, 16, 16, 1))
+f_ref, p, st = step_fn("xla")
+ref = jax.tree.leaves(jax.jit(f_ref)(p, st, x))
+f, p, st = step_fn("onednn")
+f = jax.jit(f, in_shardings=(rep, rep, batch)).lower(p, st, x).compile()
+assert "lungct_onednn_conv_bwd_weights" in f.as_text()
+for _ in range(3):  # each run on the devices' threads, primitives created once
+  for a, b in zip(jax.tree.leaves(f(p, st, x)), ref):
+    close(a, b, 1e-4)
+print("OK", onednn_conv.isa())
+''')
+
+
+# oneDNN's kernels differ by instruction set: every machine runs the paths of lesser CPUs too (the lowest
+# ONEDNN_MAX_CPU_ISA of oneDNN 3.x is SSE41). XLA's own code is left at the CPU's ISA here, so the three runs
+# share the session's compilation cache; tests/test_parallel.py limits XLA's ISA.
+ISA_LIMITS = [(None, "native"), ("AVX2", "avx2"), ("SSE41", "sse41")]
+
+
+@needs_ext
+@pytest.mark.parametrize("onednn_isa,expect", ISA_LIMITS, ids=["native", "avx2", "sse41"])
+def test_convolutions_and_sharded_resnet_step_on_each_isa(onednn_isa, expect):
+  """Outputs and gradients vs XLA (float32, bfloat16 or its fallback), one device and batch-sharded over 8,
+  and a ResNet-10 train-mode step (projection shortcuts: branches XLA runs on several threads) on 8 devices,
+  repeated. Before the user scratchpad this step crashed (SIGSEGV) or hung at every ISA here."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  if onednn_isa:
+    env["ONEDNN_MAX_CPU_ISA"] = onednn_isa
+  out = subprocess.run([sys.executable, "-c", ISA_SCRIPT, expect], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+  isa = out.stdout.split("OK")[-1].strip()
+  warnings = [l for l in out.stderr.splitlines() if "oneDNN cannot run" in l]
+  if isa.startswith("avx512_core"):
+    assert warnings == [], warnings
+  else:  # no bf16 kernels: one line for bfloat16, naming the ISA
+    assert len(warnings) == 1 and "bfloat16" in warnings[0] and f"ISA {isa}" in warnings[0], out.stderr[-2000:]
+
+
 @needs_ext
 @pytest.mark.parametrize("remat", ["conv_outputs"])
 def test_remat_policies_keep_outputs_and_gradients(remat):

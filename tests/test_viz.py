@@ -264,3 +264,17 @@ def test_load_history_after_a_kill_and_a_resume(tmp_path):
   assert [(r["step"], r.get("train/loss")) for r in history] == [(1, 0.9), (2, 0.8), (2, None), (3, 0.65)]
   fig = viz.training_curves(history)
   np.testing.assert_allclose(fig.axes[0].lines[0].get_xydata(), [[1, 0.9], [2, 0.8], [3, 0.65]])
+
+
+def test_decision_curve_lines_band_and_points():
+  t = np.array([0.1, 0.2, 0.3])
+  fig = viz.decision_curve(t, [0.3, 0.25, 0.2], [0.28, 0.1, -0.2], model_lo=[0.2, 0.15, 0.1],
+                           model_hi=[0.4, 0.35, 0.3],
+                           operating_points=[{"name": "youden", "threshold": 0.25, "net_benefit": 0.24},
+                                             {"name": "undefined", "threshold": None}])
+  ax = fig.axes[0]
+  np.testing.assert_allclose(ax.lines[0].get_xydata(), [[0.1, 0.3], [0.2, 0.25], [0.3, 0.2]])
+  np.testing.assert_allclose(ax.lines[1].get_ydata(), [0.28, 0.1, -0.2])
+  np.testing.assert_allclose(ax.lines[2].get_ydata(), 0.0)        # treat none
+  assert len(ax.lines) == 4 and ax.lines[3].get_xydata().tolist() == [[0.25, 0.24]]  # the exact value, once
+  assert ax.get_ylim()[0] == -0.05 and len(ax.collections) == 1   # the CI band

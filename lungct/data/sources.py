@@ -343,12 +343,16 @@ def source_files(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
   if source == "medmnist":
     out["files"] = {os.path.basename(items[0].path): _stat(items[0].path)}
     return out
-  files = {}
+  files, real_root = {}, os.path.realpath(root)
   for it in items:
     paths = [it.path] + ([it.mask_path] if it.mask_path else [])
     if source == "dicom":  # every file of the series folder
       paths = [os.path.join(it.path, n) for n in sorted(os.listdir(it.path)) if not n.startswith(".")] + paths[1:]
     for p in paths:
+      real = os.path.realpath(p)
+      if os.path.commonpath([real_root, real]) != real_root:  # also a DICOM slice or a MosMedData file
+        raise DataError(f"{p}: a symbolic link leading outside the data dir {root} (to {real}); copy the "
+                        "file into the data dir")
       files[os.path.relpath(p, root).replace(os.sep, "/")] = _stat(p)
   out["files"] = files
   return out

@@ -8,7 +8,9 @@ channels-last (N, D, H, W, C) x (KD, KH, KW, I, O) convolutions with any strides
 explicit, non-negative), no dilation, one group, in float32, bfloat16 or float16 on the CPU backend. The forward
 pass, the input gradient and the weight gradient are each one oneDNN primitive (no patch matrices), so the
 training step stays one jitted function. Anything else runs `lax.conv_general_dilated`; so does a machine where
-the extension cannot be built (no C++ compiler, no oneDNN package), after one warning line.
+the extension cannot be built (no C++ compiler, no oneDNN package), after one warning line, and a convolution
+oneDNN has no kernel for on this CPU (e.g. bfloat16 without AVX-512): each one is tried when it is traced
+(`supported`) and falls back with one warning line per element type.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ _SYMBOLS = {"fwd": "LungctOnednnConvFwd", "bwd_data": "LungctOnednnConvBwdData",
 _KIND_ID = {"fwd": 0, "bwd_data": 1, "bwd_weights": 2}
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _LOCK = threading.Lock()
-_STATE: dict = {"lib": None, "error": None, "warned": False}
+_STATE: dict = {"lib": None, "error": None, "warned": False, "warned_dtypes": set()}
+_DTYPE_CODE = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
 
 
 def load() -> ctypes.CDLL | None:
@@ -41,6 +44,9 @@ def load() -> ctypes.CDLL | None:
     try:
       from lungct.ops import build
       lib = ctypes.CDLL(build.library_path())
+      lib.lungct_onednn_isa.restype = ctypes.c_char_p
+      lib.lungct_onednn_check.restype = ctypes.c_int
+      lib.lungct_onednn_impl.restype = ctypes.c_int
       for kind, name in _TARGETS.items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[kind])), platform="cpu")
       _STATE["lib"] = lib
@@ -64,6 +70,43 @@ def _warn_fallback() -> None:
     _STATE["warned"] = True
     print(f"lungct: conv_impl='onednn' is unavailable, using XLA's convolution ({_STATE['error']})",
           file=sys.stderr)
+
+
+def isa() -> str | None:
+  """The instruction set oneDNN runs here (after `ONEDNN_MAX_CPU_ISA`), e.g. 'avx2'; None without the extension."""
+  lib = load()
+  return None if lib is None else lib.lungct_onednn_isa().decode()
+
+
+def _arr(v):
+  return (ctypes.c_int64 * len(v))(*[int(i) for i in v])
+
+
+@functools.lru_cache(maxsize=None)
+def supported(x_shape, w_shape, strides, pads, dtype) -> str | None:
+  """None if oneDNN can run this convolution and both its gradients here (creating their primitives, which
+  are cached for the run), else oneDNN's reason. `pads` are the trimmed explicit ones, shapes in JAX order."""
+  lib = load()
+  if lib is None:
+    return _STATE["error"]
+  dtype = jnp.dtype(dtype)
+  y_shape = _out_shape(x_shape, w_shape, strides, pads)
+  t, f32 = _DTYPE_CODE[dtype], _DTYPE_CODE[jnp.dtype(jnp.float32)]
+  # The buffers' element types of the three calls, as _conv and _conv_bwd make them.
+  calls = (("fwd", t, t, t), ("bwd_data", t, t, t), ("bwd_weights", t, f32, t))
+  buf = ctypes.create_string_buffer(512)
+  for kind, tx, tw, ty in calls:
+    if lib.lungct_onednn_check(_KIND_ID[kind], _arr(x_shape), _arr(w_shape), _arr(y_shape), _arr(strides),
+                               _arr([p[0] for p in pads]), _arr([p[1] for p in pads]), tx, tw, ty, buf, 512):
+      return f"{kind}: {buf.value.decode()}"
+  return None
+
+
+def _warn_unsupported(dtype, reason) -> None:
+  if dtype not in _STATE["warned_dtypes"]:
+    _STATE["warned_dtypes"].add(dtype)
+    print(f"lungct: oneDNN cannot run some {dtype} convolutions on this CPU (ISA {isa()}), using XLA's "
+          f"convolution for them ({reason})", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- shapes and padding
@@ -152,6 +195,11 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
     _warn_fallback()
     return fallback()
   pads, drop = geometry
+  x_shape = (lhs.shape[0], *[n - d for n, d in zip(lhs.shape[1:4], drop)], lhs.shape[4])
+  reason = supported(tuple(int(n) for n in x_shape), tuple(int(n) for n in rhs.shape), strides, pads, dtype)
+  if reason is not None:
+    _warn_unsupported(dtype, reason)
+    return fallback()
   x, w = lhs.astype(dtype), rhs.astype(dtype)
   if any(drop):
     x = x[:, :x.shape[1] - drop[0], :x.shape[2] - drop[1], :x.shape[3] - drop[2]]
@@ -165,9 +213,8 @@ def impl_info(kind: str, x_shape, w_shape, strides, padding, dtype=jnp.float32) 
     return "unavailable"
   pads, _ = _conv_geometry(tuple(x_shape), tuple(w_shape[:3]), tuple(strides), padding)
   out = _out_shape(x_shape, w_shape, strides, pads)
-  arr = lambda v: (ctypes.c_int64 * len(v))(*[int(i) for i in v])
+  arr = _arr
   buf = ctypes.create_string_buffer(512)
-  lib.lungct_onednn_impl.restype = ctypes.c_int
   n = lib.lungct_onednn_impl(_KIND_ID[kind], arr(x_shape), arr(w_shape), arr(out), arr(strides),
                              arr([p[0] for p in pads]), arr([p[1] for p in pads]),
                              int(jnp.dtype(dtype) == jnp.bfloat16), buf, 512)

@@ -574,7 +574,9 @@ def make_figures(config, workdir: str, ev: dict, test_pred: dict, out_dir: str) 
     figs["Decision curve (per study)"] = viz.save(
         viz.decision_curve(dc["thresholds"], dc["model"]["value"], dc["treat_all"]["value"],
                            model_lo=dc["model"]["lo"], model_hi=dc["model"]["hi"],
-                           operating_points=[{"name": n, "threshold": op["threshold"]} for n, op in ops.items()],
+                           operating_points=[{"name": n, "threshold": op["threshold"],
+                                              "net_benefit": op.get("net_benefit", {}).get("model", {}).get("value")}
+                                             for n, op in ops.items()],
                            title=f"Decision curve: {names[1]} vs {names[0]}, per study"),
         os.path.join(out_dir, "decision_curve.png"))
   return figs
@@ -660,12 +662,13 @@ def render_page(config, ev: dict, figs: dict[str, str], build: dict, summary: di
                       f"in any split: if they differ from the kept ones (e.g. small nodules), the results may "
                       f"not carry over to them.")
   model_line = (f"Model <b>{config.model.name}</b>, checkpoint {html.escape(str(ev.get('checkpoint')))} (step "
-                f"{ev.get('checkpoint_step')}, fingerprint {ev.get('checkpoint_fingerprint')}), trained "
-                f"{summary.get('steps', '?')} steps in {summary.get('wall_time_s', 0):.0f} s.")
+                f"{ev.get('checkpoint_step')}, fingerprint {ev.get('checkpoint_fingerprint')})" +
+                (f", from a run of {summary['steps']} steps in {summary.get('wall_time_s', 0):.0f} s."
+                 if "steps" in summary else "; the run has not finished (no metrics.json)."))
   rec = ev.get("recalibration", {"method": "none"})
   if rec.get("temperature") is not None:
     cal_line = (f"Probabilities are recalibrated by temperature scaling: T = {rec['temperature']:.3f}, fitted on the "
-                f"validation split (T &gt; 1 softens over-confident outputs; ranking and AUC are unchanged). "
+                f"validation split (a T above 1 softens over-confident outputs; ranking and AUC are unchanged). "
                 f"Test ECE {_fmt(rec['before']['ece'])} before, <b>{_fmt(rec['after']['ece'])}</b> after. Every "
                 f"number below uses the recalibrated probabilities.")
   elif rec.get("undefined"):

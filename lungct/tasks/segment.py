@@ -23,7 +23,7 @@ import optax
 
 from lungct import inferers, metrics, runtime
 from lungct.data import augment as augment_lib
-from lungct.data import sources
+from lungct.data.sources import safe_name
 
 NAME = "segment"
 MODES = ("train", "eval", "cv")
@@ -174,7 +174,7 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
     result["overlays"] = [
         viz.save(viz.mask_comparison(image, true, pred,
                                      title=f"{sid} ({split}): volume Dice {metrics.dice(pred, true):.2f}"),
-                 os.path.join(out_dir, f"{split}_{sources.safe_name(sid)}.png"))
+                 os.path.join(out_dir, f"{split}_{safe_name(sid)}.png"))
         for sid, image, true, pred in out["kept"]]
     path = os.path.join(workdir, f"eval_{split}.json")
     with open(path, "w") as f:

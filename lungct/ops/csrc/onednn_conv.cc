@@ -4,7 +4,18 @@
 // Each handler takes the two operands of its convolution and writes the third; the attributes are the
 // spatial strides and the explicit low/high paddings (already trimmed so that the output size is exact).
 // Element types come from the buffers (f32, bf16 or f16), so the caller chooses e.g. f32 weight gradients
-// from bf16 activations. Primitive descriptors are cached per shape; oneDNN also caches the primitives.
+// from bf16 activations. Primitives are created once per shape and cached (`Plan`).
+//
+// Threads: XLA runs custom calls on its own worker threads (one or more per virtual device), so a cached
+// primitive is created on one thread and executed on others. oneDNN's default ("library") scratchpad is a
+// buffer per *creating* thread (built without DNNL_ENABLE_CONCURRENT_EXEC, as the onednn-cpu-gomp wheel is:
+// "each primitive should be executed in the same thread it was created in", dnnl.hpp). A primitive executed
+// on another thread wrote into that thread's scratchpad, sized for other primitives or not allocated at all:
+// a SIGSEGV in gemm_convolution_bwd_weights_t on AVX2 (issue 16) and possibly silent corruption elsewhere.
+// So every primitive uses a user scratchpad (`scratchpad_mode::user`): the buffer is passed at execution.
+//
+// `lungct_onednn_check` tries to create the three primitives of a convolution (at trace time, from Python),
+// so a CPU without e.g. bf16 kernels gets XLA's convolution instead of an error at run time.
 //
 // Built on first use by lungct/ops/build.py (g++ -shared, headers from jax.ffi.include_dir() and the
 // onednn devel package); every exception becomes an FFI error, never a crash.
@@ -13,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <sstream>
 #include <string>
 #include <unordered_map>
@@ -56,6 +68,7 @@ struct Plan {
   dnnl::primitive prim;
   memory::desc src, wei, dst;       // what the primitive wants
   memory::desc usrc, uwei, udst;    // what the buffers hold
+  memory::desc scratch;             // its scratchpad (user mode: passed at every execution)
   std::string impl;
 };
 
@@ -65,6 +78,22 @@ std::mutex g_mu;
 // barrier sized for the whole thread team and deadlocked when two teams competed for the cores.
 std::mutex g_exec_mu;
 std::map<std::string, std::shared_ptr<Plan>>* g_plans = new std::map<std::string, std::shared_ptr<Plan>>();
+// The scratchpad of the executing convolution (page-aligned), grown to the largest one needed; guarded by
+// g_exec_mu like the execution itself.
+struct Scratch {
+  void* ptr = nullptr;
+  size_t size = 0;
+  void* Get(size_t bytes) {
+    if (bytes > size) {
+      std::free(ptr);
+      size = (bytes + 4095) / 4096 * 4096;
+      ptr = std::aligned_alloc(4096, size);
+      if (ptr == nullptr) { size = 0; throw std::bad_alloc(); }
+    }
+    return ptr;
+  }
+};
+Scratch* g_scratch = new Scratch();
 
 std::string Key(int kind, const memory::dims& x, const memory::dims& w, const memory::dims& y,
                 memory::data_type tx, memory::data_type tw, memory::data_type ty,
@@ -93,6 +122,8 @@ std::shared_ptr<Plan> MakePlan(int kind, const memory::dims& x, const memory::di
   memory::desc wei(w, tw, tag::any);
   auto& eng = Engine();
   const auto alg = dnnl::algorithm::convolution_direct;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // see the note at the top
   // The forward descriptor: the primitive itself, or the hint of a backward one. For the hint the
   // forward's types follow the activations (a bf16 backward hints with a bf16 forward).
   memory::data_type act = (kind == kForward) ? tx : (kind == kBackwardData ? ty : tx);
@@ -100,21 +131,24 @@ std::shared_ptr<Plan> MakePlan(int kind, const memory::dims& x, const memory::di
   memory::desc fwei = (kind == kForward) ? wei : memory::desc(w, act, tag::any);
   memory::desc fdst = (kind == kForward) ? dst : memory::desc(y, act, any_act ? tag::any : tag::ndhwc);
   dnnl::convolution_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, alg, fsrc, fwei,
-                                                fdst, s, pl, pr);
+                                                fdst, s, pl, pr, attr);
   if (kind == kForward) {
     plan->prim = dnnl::convolution_forward(fwd);
     plan->src = fwd.src_desc(); plan->wei = fwd.weights_desc(); plan->dst = fwd.dst_desc();
     plan->impl = fwd.impl_info_str();
+    plan->scratch = fwd.scratchpad_desc();
   } else if (kind == kBackwardData) {
-    dnnl::convolution_backward_data::primitive_desc bwd(eng, alg, src, wei, dst, s, pl, pr, fwd);
+    dnnl::convolution_backward_data::primitive_desc bwd(eng, alg, src, wei, dst, s, pl, pr, fwd, attr);
     plan->prim = dnnl::convolution_backward_data(bwd);
     plan->src = bwd.diff_src_desc(); plan->wei = bwd.weights_desc(); plan->dst = bwd.diff_dst_desc();
     plan->impl = bwd.impl_info_str();
+    plan->scratch = bwd.scratchpad_desc();
   } else {
-    dnnl::convolution_backward_weights::primitive_desc bwd(eng, alg, src, wei, dst, s, pl, pr, fwd);
+    dnnl::convolution_backward_weights::primitive_desc bwd(eng, alg, src, wei, dst, s, pl, pr, fwd, attr);
     plan->prim = dnnl::convolution_backward_weights(bwd);
     plan->src = bwd.src_desc(); plan->wei = bwd.diff_weights_desc(); plan->dst = bwd.diff_dst_desc();
     plan->impl = bwd.impl_info_str();
+    plan->scratch = bwd.scratchpad_desc();
   }
   return plan;
 }
@@ -182,6 +216,8 @@ ffi::Error Run(int kind, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y,
     } else {
       args = {{DNNL_ARG_SRC, msrc}, {DNNL_ARG_DIFF_WEIGHTS, mwei}, {DNNL_ARG_DIFF_DST, mdst}};
     }
+    const size_t scratch_bytes = plan->scratch.get_size();
+    if (scratch_bytes > 0) args.insert({DNNL_ARG_SCRATCHPAD, memory(plan->scratch, eng, g_scratch->Get(scratch_bytes))});
     plan->prim.execute(strm, args);
     memory& out_m = out_src ? msrc : (out_wei ? mwei : mdst);
     memory& out_u = out_src ? usrc : (out_wei ? uwei : udst);
@@ -240,5 +276,52 @@ extern "C" int lungct_onednn_impl(int kind, const int64_t* x, const int64_t* w, 
     return n;
   } catch (const std::exception& e) {
     return -1;
+  }
+}
+
+namespace {
+memory::data_type DtypeCode(int code) {  // the Python side's codes: 0 f32, 1 bf16, 2 f16
+  return code == 1 ? memory::data_type::bf16 : (code == 2 ? memory::data_type::f16 : memory::data_type::f32);
+}
+}  // namespace
+
+// Whether oneDNN can run one convolution call here: creates (and caches) its primitive, kind 0/1/2, shapes
+// in JAX order, element types of the three buffers (x, w, y) as codes 0 f32, 1 bf16, 2 f16. Returns 0, or
+// -1 with oneDNN's message in buf (truncated to cap). Called at trace time, so an unsupported ISA/dtype
+// falls back to XLA's convolution instead of failing at run time.
+extern "C" int lungct_onednn_check(int kind, const int64_t* x, const int64_t* w, const int64_t* y,
+                                   const int64_t* s, const int64_t* pl, const int64_t* pr, int tx, int tw,
+                                   int ty, char* buf, int cap) {
+  std::string msg;
+  try {
+    GetPlan(kind, {x[0], x[4], x[1], x[2], x[3]}, {w[4], w[3], w[0], w[1], w[2]}, {y[0], y[4], y[1], y[2], y[3]},
+            DtypeCode(tx), DtypeCode(tw), DtypeCode(ty), {s[0], s[1], s[2]}, {pl[0], pl[1], pl[2]},
+            {pr[0], pr[1], pr[2]});
+    return 0;
+  } catch (const std::exception& e) {
+    msg = e.what();
+  }
+  int n = static_cast<int>(msg.size()) < cap - 1 ? static_cast<int>(msg.size()) : cap - 1;
+  msg.copy(buf, n);
+  buf[n] = 0;
+  return -1;
+}
+
+// The instruction set oneDNN's kernels use here (after ONEDNN_MAX_CPU_ISA), e.g. "avx2".
+extern "C" const char* lungct_onednn_isa() {
+  using isa = dnnl::cpu_isa;
+  switch (dnnl::get_effective_cpu_isa()) {
+    case isa::sse41: return "sse41";
+    case isa::avx: return "avx";
+    case isa::avx2: return "avx2";
+    case isa::avx2_vnni: return "avx2_vnni";
+    case isa::avx2_vnni_2: return "avx2_vnni_2";
+    case isa::avx512_core: return "avx512_core";
+    case isa::avx512_core_vnni: return "avx512_core_vnni";
+    case isa::avx512_core_bf16: return "avx512_core_bf16";
+    case isa::avx512_core_fp16: return "avx512_core_fp16";
+    case isa::avx512_core_amx: return "avx512_core_amx";
+    case isa::avx512_core_amx_fp16: return "avx512_core_amx_fp16";
+    default: return "unknown";
   }
 }
