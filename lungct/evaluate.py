@@ -26,9 +26,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
                         checkpoint_path: str = "", explicit: Sequence[str] = ()) -> dict:
   """--mode=eval: the task writes eval_<split>.json (and per-case files) in the workdir; with
   ``config.eval.external_dir`` set, the external set instead (eval_external.json, `evaluate_external`)."""
-  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit,
-                                            num_outputs=tasks.num_outputs)
-  task = tasks.check_mode(predictor.config, "eval")
+  predictor, task = tasks.restore(config, workdir, checkpoint_path, explicit, "eval")
   if predictor.config.eval.get("external_dir", ""):
     return evaluate_external(predictor, workdir)
   return task.run_eval(predictor, runtime.data_sources(predictor.config), workdir, split)
@@ -57,8 +55,8 @@ def external_data_config(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 
 def external_sources(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
-  """({"validation": the internal validation split, "external": every kept external study}, what the external
-  build read / kept / skipped and the patients it shares with the internal dataset)."""
+  """({"train", "validation", "test": the internal splits, "external": every kept external study}, what the
+  external build read / kept / skipped and the patients it shares with the internal dataset)."""
   from lungct.data import lung_ct
   ext_cfg = external_data_config(config)
   builder = runtime.prepare_dataset(ext_cfg)
@@ -73,7 +71,7 @@ def external_sources(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
           "skipped": build.get("skipped", []), "labels": build["splits"]["test"],
           "n_patients": len(external_patients),
           "shared_patients": sorted(internal_patients & external_patients)}
-  return {"validation": internal["validation"], EXTERNAL: builder.as_data_source("test")}, info
+  return {**internal, EXTERNAL: builder.as_data_source("test")}, info
 
 
 def evaluate_external(predictor: runtime.Predictor, workdir: str) -> dict:
@@ -258,7 +256,7 @@ def score_fold(config, fold_dir: str, task, select_src, heldout_src) -> tuple[di
   """The fold's best (else latest) checkpoint, restored for inference, scores the held-out fold once: the task's
   scalar summary and cases (`task.evaluate`); the task's `run_eval` writes eval_heldout.json (thresholds from
   ``select_src``). Classification cases also get the threshold chosen on ``select_src`` (Youden's J)."""
-  predictor = runtime.restore_for_inference(config, fold_dir, num_outputs=tasks.num_outputs)
+  predictor, _ = tasks.restore(config, fold_dir, "", (), "cv")
   v = predictor.variables
   apply = task.make_apply(v.graphdef, predictor.mesh, predictor.config)
   summary, cases = task.evaluate(apply, v, predictor.mesh, heldout_src, predictor.config)

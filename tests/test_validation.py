@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lungct import evaluate, runtime, train
+from lungct import evaluate, runtime, tasks, train
 from tests.helpers import tiny_config
 
 
@@ -174,8 +174,7 @@ def test_external_evaluation_on_another_site_skips_and_reports_a_bad_scan(traine
   assert info["shared_patients"] == [] and info["n_patients"] == 6
   assert saved["split"] == "external" and saved["n"] == 6 == result["n"] and saved["n_positive"] == 3
   # Prepared exactly as the checkpoint's training data: its geometry, window and spacing.
-  ext_builder = lung_ct.builder_for(evaluate.external_data_config(runtime.restore_for_inference(
-      ext, workdir, num_outputs=lambda cfg: 1).config))
+  ext_builder = lung_ct.builder_for(evaluate.external_data_config(tasks.restore(ext, workdir, "", (), "eval")[0].config))
   assert ext_builder.info.features["image"].shape == tuple(c.data.shape) + (1,)
   assert lung_ct.written_splits(ext_builder) == ["test"]
   # Thresholds come from the internal validation split: the same as for the internal test split.
