@@ -22,9 +22,7 @@ from lungct import metrics, runtime, tasks, train
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str = "test",
                         checkpoint_path: str = "", explicit: Sequence[str] = ()) -> dict:
   """--mode=eval: the task writes eval_<split>.json (and per-case files) in the workdir."""
-  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit,
-                                            num_outputs=tasks.num_outputs)
-  task = tasks.check_mode(predictor.config, "eval")
+  predictor, task = tasks.restore(config, workdir, checkpoint_path, explicit, "eval")
   return task.run_eval(predictor, runtime.data_sources(predictor.config), workdir, split)
 
 

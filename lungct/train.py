@@ -295,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   restored = None
   if config.resume:
     def check_meta(m):
-      config_check.same_run(m.get("config", {}), config_json, workdir)
+      config_check.same_run(m.get("config", {}), config_json, workdir, task.EXECUTION_KEYS)
       config_check.same_dataset(m, dataset_id, config_json, workdir)
       check_schedule_horizon(tc, m.get("bookkeeping", {}).get("total_steps"), total_steps, workdir)
     restored = checkpoint.restore(latest, state, check_meta=check_meta)
@@ -384,7 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
           book["evals_without_improvement"] += 1
         if is_main:
           progress.write(f"step {step}: " + "  ".join(
-              f"val {k} {val[k]:.4f}" for k in _headline(val, task.BEST_METRIC)) + (" *" if improved else ""))
+              f"val {k} {val[k]:.4f}" for k in _headline(val, task)) + (" *" if improved else ""))
       if will_save:
         meta = {"config": config_json, "bookkeeping": book, "dataset": dataset_id}
         checkpoint.save(latest, step, state, meta)
@@ -415,7 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   # Final evaluation with the best checkpoint (by the task's validation metric) on validation and test.
   if best.latest_step() is not None:
     state, _ = checkpoint.restore(best, state, best.latest_step(), check_meta=lambda m: same_run_as_best(
-        m, config_json, book, workdir))
+        m, config_json, book, workdir, task.EXECUTION_KEYS))
   variables = runtime.Variables(graphdef, state["params"], state["batch_stats"])
   for split in ("validation", "test"):
     summary[split] = task.evaluate(apply, variables, mesh, sources[split], config)[0]
@@ -450,9 +450,9 @@ def check_schedule_horizon(tc: ml_collections.ConfigDict, saved_total: int | Non
       f"with another length).")
 
 
-def same_run_as_best(meta: dict, config_json: dict, book: dict, workdir: str) -> None:
+def same_run_as_best(meta: dict, config_json: dict, book: dict, workdir: str, execution_keys=()) -> None:
   """The best checkpoint about to be evaluated was written by this run (same config and run id)."""
-  config_check.same_run(meta.get("config", {}), config_json, workdir)
+  config_check.same_run(meta.get("config", {}), config_json, workdir, execution_keys)
   theirs = meta.get("bookkeeping", {}).get("run_id")
   if theirs != book.get("run_id"):
     raise checkpoint.CheckpointError(
@@ -460,8 +460,10 @@ def same_run_as_best(meta: dict, config_json: dict, book: dict, workdir: str) ->
         f"not evaluating it. Use a new --workdir.")
 
 
-def _headline(val: dict, best_metric: str) -> list[str]:
-  return [k for k in ("loss", best_metric, "accuracy", "iou", "hd95") if k in val]
+def _headline(val: dict, task) -> list[str]:
+  """The validation metrics printed at each evaluation: loss, the best metric, then the task's headline ones."""
+  keys = ("loss", task.BEST_METRIC, *task.HEADLINE_METRICS)
+  return [k for k in dict.fromkeys(keys) if k in val]
 
 
 def _check_finite(window: list[dict], step: int, on_nan: str, workdir: str, last_good_step: int | None) -> None:

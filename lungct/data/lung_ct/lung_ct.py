@@ -500,6 +500,8 @@ def make_example(item: Item, cfg: LungCtConfig | Mapping[str, Any]) -> dict[str,
   data_cfg = data_config(cfg) if isinstance(cfg, LungCtConfig) else cfg
   loaded = sources.load_item(item, data_cfg)
   pre = preprocess.preprocess_scan(loaded.scan, data_cfg, loaded.mask, hu=loaded.hu)
+  names = sources.target_names(data_cfg)
+  targets = {"targets": sources.target_vector(loaded, names)} if names else {}
   return {
       "image": pre["image"][..., None].astype(preprocess.STORED_DTYPE),
       "mask": pre["mask"][..., None],
@@ -510,6 +512,7 @@ def make_example(item: Item, cfg: LungCtConfig | Mapping[str, Any]) -> dict[str,
       "spacing": pre["spacing"],
       "voxel_spacing": pre["voxel_spacing"],
       "orig_shape": pre["orig_shape"],
+      **targets,
   }
 
 
@@ -584,6 +587,10 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     shape = tuple(cfg.shape) + (1,)
+    names = sources.target_names(data_config(cfg))
+    targets = {"targets": tfds.features.Tensor(
+        shape=(len(names),), dtype=np.float32,
+        doc=f"data.targets {list(names)} in this order (float32; NaN = missing)")} if names else {}
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
@@ -606,7 +613,9 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
                                                   doc="mm of one image voxel (z, y, x) after preprocessing"),
             "orig_shape": tfds.features.Tensor(shape=(3,), dtype=np.int32,
                                                doc="original volume shape (z, y, x)"),
+            **targets,
         }),
+        metadata=tfds.core.MetadataDict(targets=list(names)),
         supervised_keys=("image", "label"),
         homepage=HOMEPAGES.get(cfg.source, _KERAS_TUTORIAL),
         citation=CITATION,
@@ -660,7 +669,7 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
                       f"patients leave split(s) {empty} empty (data.split_fractions="
                       f"{tuple(cfg.split_fractions)}); add scans or change the fractions")
     self._report = {
-        "config": cfg.name, "source": cfg.source,
+        "config": cfg.name, "source": cfg.source, "targets": list(sources.target_names(data_cfg)),
         "totals": {"read": len(items), "kept": len(kept), "skipped": len(skipped)},
         "skip_reasons": dict(collections.Counter(reason_kind(s["reason"]) for s in skipped).most_common()),
         "splits": {s: {"kept": len(v), "labels": {str(k): n for k, n in sorted(
