@@ -5,6 +5,7 @@
 """
 import ml_collections
 
+import configs
 from lungct import models
 
 
@@ -37,6 +38,9 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.beam_options = ""             # build on Apache Beam instead: pipeline args, e.g. "--runner=DirectRunner"
   d.label = "binary"              # binary (normal vs abnormal) | grade (severity CT-0..CT-4)
   d.num_classes = 5               # label=grade: number of severity grades
+  d.targets = ()                  # numeric per-study targets stored with each example (NaN = missing): folder /
+                                  # dicom: labels-CSV columns (e.g. ("diameter_mm", "texture")); nodules:
+                                  # "diameter_mm"; synthetic: "lesion_ml" (the attributes task reads them)
   d.class_names = ("normal", "abnormal")  # label=binary: names of label 0 and 1 (predict, tables, report, figures)
   return d
 
@@ -63,10 +67,15 @@ def get_augment_config() -> ml_collections.ConfigDict:
   return a
 
 
-def get_config() -> ml_collections.ConfigDict:
+# `--config configs/default.py:tiny`: seconds long (the reliability tests run the classification task so).
+TINY = {"data.num_scans": 24, "data.shape": (48, 48, 48), "model.features": (4, 8, 8, 16), "model.dense": 16}
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.task = "classify"             # classify | segment (lesion masks, see configs/unet_seg.py): lungct/tasks/
+  c.task = "classify"             # a key of lungct.tasks.TASKS: classify | segment (configs/unet_seg.py) |
+                                  # attributes (configs/nodule_attributes.py)
   c.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay float32)
   c.data = get_data_config()
 
@@ -113,6 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.sensitivity_targets = (0.9, 0.95)  # extra operating points: threshold reaching this sensitivity on validation
   c.eval.calibration = "none"     # none | temperature (fitted on validation by --mode=eval, applied by eval/predict/report)
   c.eval.gradcam_layer = "blocks.1"  # Grad-CAM layer for predict/report ("" = the last block with > 1 voxel)
+  c.eval.external_dir = ""        # --mode=eval/report on an external test set: the folder of its scans (NIfTI or DICOM
+  c.eval.external_csv = ""        # series) and its labels CSV (filename,label[,patient_id][,grade][,mask]); every scan
+  c.eval.external_source = ""     # prepared as the checkpoint's training data; source folder | dicom ("" = folder,
+                                  # or dicom for a model trained on DICOM)
 
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""            # --mode=predict: a .nii/.nii.gz file or a folder of them
@@ -123,8 +136,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.cv = ml_collections.ConfigDict()
   c.cv.folds = 5                  # --mode=cv: k, over train+validation, grouped by patient, stratified by label
   c.cv.seed = 0
+  c.cv.selection = "inner"        # inner: checkpoint, early stopping and thresholds chosen on an inner validation split
+                                  # of each fold's training patients, the held-out fold scored once (honest);
+                                  # heldout: chosen on the held-out fold itself (optimistic; kept to compare)
+  c.cv.inner_fraction = 0.2       # selection=inner: share of each fold's training patients held for validation
 
   c.resume = True                 # resume from the latest checkpoint in the workdir
   c.init_from = ""                # transfer learning: a workdir or checkpoint step folder to load matching params from
   c.freeze = ()                   # regexes of parameter paths kept fixed (e.g. "blocks/0/.*": nnx.split path names)
-  return c
+  return configs.variant(c, variant, TINY)

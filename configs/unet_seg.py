@@ -7,11 +7,17 @@ Works with any source that has masks (synthetic; MosMedData with masks/; folder 
 """
 import ml_collections
 
+import configs
 from configs import default
 from lungct import models
 
 
-def get_config() -> ml_collections.ConfigDict:
+# `--config configs/unet_seg.py:tiny`: seconds long (the reliability tests run the segmentation task so).
+TINY = {"data.num_scans": 12, "data.shape": (16, 32, 32), "model.features": (4, 8), "segment.patch": (16, 16, 16),
+        "segment.sw_batch_size": 2}
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = default.get_config()
   c.task = "segment"
   c.model = models.model_config("unet3d", features=(8, 16, 32))  # 3D U-Net paper: (32, 64, 128, 256)
@@ -33,4 +39,4 @@ def get_config() -> ml_collections.ConfigDict:
   c.segment.lambda_dice = 1.0           # DiceCELoss weights
   c.segment.lambda_ce = 1.0
   c.segment.num_overlays = 4            # --mode=eval: mask_comparison PNGs written to <workdir>/seg_overlays/
-  return c
+  return configs.variant(c, variant, TINY)

@@ -421,7 +421,7 @@ print(f"train loss: first logged {train_loss[0]:.3f}, last logged {train_loss[-1
 # a slow running average still mostly holds early in training.
 
 # %%
-predictor = runtime.restore_for_inference(config, WORK, num_outputs=tasks.num_outputs)
+predictor = runtime.restore_for_inference(config, WORK, task_of=tasks.get)
 v = predictor.variables
 apply = classify.make_apply(v.graphdef, predictor.mesh, predictor.config)
 sources = runtime.data_sources(predictor.config)
@@ -463,7 +463,7 @@ for name, op in ev["operating_points"].items():
 
 # %%
 for name, op in ev["operating_points"].items():
-  print(f"{name} (t = {op['threshold']:.3f}): " + report._strip(report.per_100(op["metrics"])))
+  print(f"{name} (t = {op['threshold']:.3f}): " + report._strip(classify.per_100(op["metrics"])))
 
 # %% [markdown]
 # The **confusion matrix** at the Youden threshold, the **ROC curve** (every threshold at once; the marked

@@ -4,13 +4,18 @@ Every problem is reported with the key that causes it. Two facts about keys live
 
 * `EXECUTION_KEYS`: keys that change how a run executes, logs or is evaluated, never what it learns. A resumed
   run may change them, and inference (eval/predict/report) takes them from the current config. Every other key
-  defines the experiment: resuming with another value is refused.
+  defines the experiment: resuming with another value is refused. A task adds its own (`task.EXECUTION_KEYS`,
+  keys of its config group), passed in as ``extra`` by the callers that know the task.
 * `INFERENCE_FROM_CHECKPOINT`: the groups inference takes from the checkpoint's saved config (less the
-  execution keys), so a model always sees data prepared as in training.
+  execution keys), so a model always sees data prepared as in training; plus the task's `CONFIG_GROUP`.
+The task names are `lungct.tasks.TASKS`'s keys: an unknown `config.task` is refused there (`tasks.get`).
 (Which data keys change the *built dataset* is the data builder's business: `lungct.data.lung_ct`.)
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from typing import Any, Iterable, Mapping
 
 import ml_collections
@@ -23,16 +28,14 @@ EXECUTION_KEYS = (
     "data.on_bad_scan",
     "eval", "predict", "cv", "report",
     # Same numbers, different execution, or evaluation-only settings:
-    "model.conv_impl", "model.remat", "segment.num_overlays", "segment.sw_batch_size", "segment.overlap",
-    "segment.mode", "segment.threshold", "segment.roi")
-INFERENCE_FROM_CHECKPOINT = ("task", "dtype", "model.", "data.", "segment.")
+    "model.conv_impl", "model.remat")
+INFERENCE_FROM_CHECKPOINT = ("task", "dtype", "model.", "data.")
 # Where the data lives. Not compared as strings on resume: the dataset's identity is (`same_dataset`: the
 # settings and the content of the files these name, `lungct.data.lung_ct.config_name`), so data moved
 # elsewhere resumes and edited or other data is refused. Inference reads them from the current config.
 DATA_LOCATION_KEYS = ("data.manual_dir", "data.labels_csv")
 
 _CHOICES = {
-    "task": ("classify", "segment"),
     "data.on_bad_scan": ("skip", "fail"),
     "data.label": ("binary", "grade"),
     "dtype": ("float32", "bfloat16", "float16"),
@@ -46,8 +49,9 @@ class ConfigError(ValueError):
   pass
 
 
-def is_execution_key(dotted: str) -> bool:
-  return any(dotted == k or dotted.startswith(k + ".") for k in EXECUTION_KEYS)
+def is_execution_key(dotted: str, extra: Iterable[str] = ()) -> bool:
+  """Whether ``dotted`` is one of `EXECUTION_KEYS` or ``extra`` (a task's), or lies inside one of those groups."""
+  return any(dotted == k or dotted.startswith(k + ".") for k in (*EXECUTION_KEYS, *extra))
 
 
 def is_data_location_key(dotted: str) -> bool:
@@ -58,6 +62,20 @@ def get(config: Any, dotted: str) -> Any:
   for part in dotted.split("."):
     config = config[part]
   return config
+
+
+# ----------------------------------------------------------------------------- config files
+
+def load_config_file(path: str):
+  """``configs/x.py[:arg]`` -> its get_config([arg]); SystemExit with one line if the file does not exist."""
+  file, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("_lungct_config", file)
+  if spec is None or not os.path.exists(file):
+    sys.exit(f"error: --config={path}: no such config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -181,10 +199,12 @@ def norm(v):
   return list(v) if isinstance(v, tuple) else v
 
 
-def same_run(saved: dict, current: dict, workdir: str) -> None:
-  """Refuses to resume a workdir whose checkpoints come from a different experiment."""
+def same_run(saved: dict, current: dict, workdir: str, execution_keys: Iterable[str] = ()) -> None:
+  """Refuses to resume a workdir whose checkpoints come from a different experiment (``execution_keys``: the
+  task's own, which may change)."""
   a, b = flat(saved), flat(current)
-  differ = sorted(k for k in set(a) | set(b) if not is_execution_key(k) and not is_data_location_key(k)
+  extra = tuple(execution_keys)
+  differ = sorted(k for k in set(a) | set(b) if not is_execution_key(k, extra) and not is_data_location_key(k)
                   and norm(a.get(k)) != norm(b.get(k)))
   if differ:
     detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:8])

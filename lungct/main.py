@@ -8,7 +8,6 @@ environment, see `distributed_init`.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from typing import Sequence
@@ -26,17 +25,6 @@ flags.DEFINE_string("checkpoint", "", "--mode=eval/predict/report: a checkpoint 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def load_config_file(path: str):
-  """``configs/x.py[:arg]`` -> its get_config([arg]); SystemExit with one line if the file does not exist."""
-  file, _, arg = path.partition(":")
-  spec = importlib.util.spec_from_file_location("_lungct_config", file)
-  if spec is None or not os.path.exists(file):
-    sys.exit(f"error: --config={path}: no such config file")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def check_override_keys(argv: Sequence[str]) -> None:
   """Rejects `--config.a.b=v` for keys the config file does not define, naming the key (before any work)."""
   from lungct import config_check
@@ -46,7 +34,7 @@ def check_override_keys(argv: Sequence[str]) -> None:
   if not path:
     return
   try:
-    config_check.check_keys(load_config_file(path), config_check.override_keys(argv))
+    config_check.check_keys(config_check.load_config_file(path), config_check.override_keys(argv))
   except config_check.ConfigError as e:
     sys.exit(f"error: {e}")
 

@@ -867,6 +867,111 @@ JSON_NULL_NOTE = ("null marks a value that is undefined for these data (e.g. ROC
                   "HD95 with nothing predicted); strict JSON has no not-a-number value.")
 
 
+# ----------------------------------------------------------------------------
+# Continuous targets and ordinal ratings (pure numpy; feed them to bootstrap_ci).
+# ----------------------------------------------------------------------------
+
+
+def _pair(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
+  y, p = np.asarray(y, np.float64).ravel(), np.asarray(p, np.float64).ravel()
+  if y.shape != p.shape:
+    raise ValueError(f"y and p must have the same length, got {y.size} and {p.size}")
+  return y, p
+
+
+def mae(y: Any, p: Any) -> float:
+  """Mean absolute error (NaN for no cases)."""
+  y, p = _pair(y, p)
+  return float(np.mean(np.abs(p - y))) if y.size else float("nan")
+
+
+def rmse(y: Any, p: Any) -> float:
+  y, p = _pair(y, p)
+  return float(np.sqrt(np.mean((p - y) ** 2))) if y.size else float("nan")
+
+
+def pearson(y: Any, p: Any) -> float:
+  """Pearson's r; NaN when either side is constant (or fewer than 2 cases)."""
+  y, p = _pair(y, p)
+  if y.size < 2 or np.ptp(y) == 0 or np.ptp(p) == 0:
+    return float("nan")
+  yc, pc = y - y.mean(), p - p.mean()
+  return float(np.sum(yc * pc) / np.sqrt(np.sum(yc ** 2) * np.sum(pc ** 2)))
+
+
+def spearman(y: Any, p: Any) -> float:
+  """Spearman's rho: Pearson's r of the ranks, ties given their average rank (as scipy.stats.spearmanr)."""
+  from scipy import stats
+  y, p = _pair(y, p)
+  return pearson(stats.rankdata(y), stats.rankdata(p)) if y.size >= 2 else float("nan")
+
+
+def exact_agreement(y: Any, p: Any) -> float:
+  """Share of cases whose rounded prediction equals the (integer) rating."""
+  y, p = _pair(y, p)
+  return float(np.mean(np.rint(p) == np.rint(y))) if y.size else float("nan")
+
+
+def within_one(y: Any, p: Any) -> float:
+  """Share of cases whose rounded prediction is at most one level from the rating."""
+  y, p = _pair(y, p)
+  return float(np.mean(np.abs(np.rint(p) - np.rint(y)) <= 1)) if y.size else float("nan")
+
+
+def weighted_kappa(y: Any, p: Any, levels: Sequence[int], weights: str = "quadratic") -> float:
+  """Cohen's weighted kappa between ratings ``y`` and rounded predictions ``p`` over the rating ``levels``
+  (e.g. range(1, 6)): weights (i - j)^2 ("quadratic") or |i - j| ("linear"); NaN when undefined."""
+  y, p = _pair(y, p)
+  levels = np.asarray(list(levels))
+  k = len(levels)
+  if y.size == 0 or k < 2:
+    return float("nan")
+  idx = lambda v: np.clip(np.searchsorted(levels, np.rint(v)), 0, k - 1)  # noqa: E731
+  cm = np.zeros((k, k))
+  np.add.at(cm, (idx(y), idx(p)), 1)
+  if weights == "quadratic":
+    return quadratic_weighted_kappa(cm)
+  if weights != "linear":
+    raise ValueError(f"weights must be 'quadratic' or 'linear', got {weights!r}")
+  i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+  w = np.abs(i - j)
+  expected = np.outer(cm.sum(1), cm.sum(0)) / cm.sum()
+  return float(1.0 - _div(np.sum(w * cm), np.sum(w * expected)))
+
+
+# ----------------------------------------------------------------------------
+# Per patient.
+# ----------------------------------------------------------------------------
+
+
+def patient_level(prob: Sequence[float], label: Sequence[int], patient_id: Sequence[Any]
+                  ) -> dict[str, np.ndarray]:
+  """Per-nodule (per-study) scores -> per-patient scores: max over a patient's studies.
+
+  A patient is positive when any of its studies is (max of labels) and scores the
+  highest probability among its studies (a patient with one malignant nodule is a
+  malignant patient). Pure numpy; feed the result to the same metrics as per-study.
+
+  Returns:
+    dict(patient_id=object (P,) str sorted, prob=float64 (P,), label=int32 (P,),
+    count=int32 (P,) studies per patient).
+  """
+  prob = np.asarray(prob, dtype=np.float64)
+  label = np.asarray(label)
+  pids = np.asarray([p.decode() if isinstance(p, bytes) else str(p) for p in patient_id], dtype=object)
+  if not (len(prob) == len(label) == len(pids)):
+    raise ValueError(f"prob, label and patient_id differ in length: {len(prob)}, {len(label)}, {len(pids)}")
+  uniq, inverse = np.unique(pids.astype(str), return_inverse=True)
+  p_prob = np.full(len(uniq), -np.inf)
+  np.maximum.at(p_prob, inverse, prob)
+  p_label = np.zeros(len(uniq), np.int64)
+  np.maximum.at(p_label, inverse, label.astype(np.int64))
+  out_ids = np.empty(len(uniq), dtype=object)
+  out_ids[:] = [str(u) for u in uniq]
+  return dict(patient_id=out_ids, prob=p_prob, label=p_label.astype(np.int32),
+              count=np.bincount(inverse, minlength=len(uniq)).astype(np.int32))
+
+
 def json_safe(obj: Any) -> Any:
   """numpy -> Python, NaN/inf -> None, recursively: output for ``json.dump(..., allow_nan=False)``."""
   if isinstance(obj, dict):
@@ -880,3 +985,12 @@ def json_safe(obj: Any) -> Any:
   if isinstance(obj, float) and not math.isfinite(obj):
     return None
   return obj
+
+
+def null_to_nan(obj: Any) -> Any:
+  """The inverse of `json_safe` for readers: eval_<split>.json writes undefined values as null; compute with NaN."""
+  if isinstance(obj, dict):
+    return {k: null_to_nan(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [null_to_nan(v) for v in obj]
+  return float("nan") if obj is None else obj

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -208,23 +208,13 @@ class Predictor(NamedTuple):
   checkpoint: str
 
 
-def predict_batches(apply, variables: Variables, mesh: Mesh, source, batch_size: int
-                    ) -> Iterator[tuple[np.ndarray, dict]]:
-  """(outputs of the valid examples, the decoded batch restricted to them) for every example of ``source``,
-  exactly once and in order; every host reads the same global batch and feeds its share."""
-  from lungct.data import pipeline
-  for batch in pipeline.eval_batches(source, batch_size):
-    out = fetch(apply(variables.params, variables.batch_stats, to_global(mesh, host_slice(batch["image"]))))
-    valid = np.asarray(batch["valid"], bool)
-    yield out[valid], {k: np.asarray(v)[valid] for k, v in batch.items() if k != "valid"}
-
-
 # ----------------------------------------------------------------------------- restore for inference
 
-def inference_config(current: ml_collections.ConfigDict, saved: dict, explicit: Sequence[str] = ()
-                     ) -> ml_collections.ConfigDict:
-  """``current`` with every experiment-defining key (task, model, data, dtype, task options) taken from the
-  checkpoint's ``saved`` config; execution keys (paths, loader, eval, predict, mesh...) stay current.
+def inference_config(current: ml_collections.ConfigDict, saved: dict, explicit: Sequence[str] = (), *,
+                     group: str = "", execution_keys: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """``current`` with every experiment-defining key (task, model, data, dtype, and the task's config ``group``)
+  taken from the checkpoint's ``saved`` config; execution keys (paths, loader, eval, predict, mesh..., and the
+  task's ``execution_keys``) stay current.
 
   A key given explicitly on the command line (``explicit``, dotted, without "config.") that conflicts with
   the checkpoint is a ConfigError: the model cannot see data prepared differently from what it learned on.
@@ -232,8 +222,9 @@ def inference_config(current: ml_collections.ConfigDict, saved: dict, explicit: 
   out = ml_collections.ConfigDict(current.to_dict())
   flat_saved = config_check.flat(saved)
   flat_now = config_check.flat(current.to_dict())
+  prefixes = config_check.INFERENCE_FROM_CHECKPOINT + ((group + ".",) if group else ())
   for key, value in flat_saved.items():
-    if (not key.startswith(config_check.INFERENCE_FROM_CHECKPOINT) or config_check.is_execution_key(key)
+    if (not key.startswith(prefixes) or config_check.is_execution_key(key, execution_keys)
         or config_check.is_data_location_key(key)):
       continue
     if key in explicit and config_check.norm(flat_now.get(key)) != config_check.norm(value):
@@ -259,18 +250,20 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any, like: Any) 
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
-                          explicit: Sequence[str] = (), *,
-                          num_outputs: Callable[[ml_collections.ConfigDict], int]) -> Predictor:
+                          explicit: Sequence[str] = (), *, task_of: Callable[[Any], Any]) -> Predictor:
   """The best (or ``checkpoint_path``) checkpoint's params and BatchNorm statistics, replicated on the mesh.
 
   No optimizer is built or restored. Model, data and task settings come from the checkpoint
-  (`inference_config`), so eval/predict/report see data prepared as in training. ``num_outputs(config)``
-  (the task's) sizes the model's head for the checkpoint's config.
+  (`inference_config`), so eval/predict/report see data prepared as in training. ``task_of(config)`` (e.g.
+  `lungct.tasks.get`) is the task of a config: its CONFIG_GROUP and EXECUTION_KEYS say what else to take from
+  the checkpoint, its ``num_outputs(config)`` sizes the model's head.
   """
   directory, step = checkpoint.find_checkpoint(checkpoint_path or workdir)
   saved_params, saved_stats, meta = checkpoint.restore_variables(directory, step)
-  config = inference_config(config, meta.get("config", {}), explicit)
-  fresh = init_variables(config, num_outputs(config))
+  saved = meta.get("config", {})
+  task = task_of(saved if "task" in saved else config)
+  config = inference_config(config, saved, explicit, group=task.CONFIG_GROUP, execution_keys=task.EXECUTION_KEYS)
+  fresh = init_variables(config, task.num_outputs(config))
   params = _same_tree(saved_params, fresh.params, f"{directory}/{step}", "params")
   stats = _same_tree(saved_stats, fresh.batch_stats, f"{directory}/{step}", "batch_stats")
   mesh = make_mesh(config)

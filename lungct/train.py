@@ -256,7 +256,8 @@ def _progress(total: int, initial: int, enabled: bool):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources: dict | None = None) -> dict:
   """Trains ``config.task`` per ``config``; writes checkpoints, metrics.jsonl, TensorBoard and metrics.json.
 
-  ``sources`` (default: the dataset's train/validation/test splits) lets cross-validation pass its folds.
+  ``sources`` (default: the dataset's train/validation/test splits) lets cross-validation pass its folds; without
+  a "test" source the final evaluation scores validation only.
   """
   from lungct.data import pipeline
   task = tasks.get(config)
@@ -295,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   restored = None
   if config.resume:
     def check_meta(m):
-      config_check.same_run(m.get("config", {}), config_json, workdir)
+      config_check.same_run(m.get("config", {}), config_json, workdir, task.EXECUTION_KEYS)
       config_check.same_dataset(m, dataset_id, config_json, workdir)
       check_schedule_horizon(tc, m.get("bookkeeping", {}).get("total_steps"), total_steps, workdir)
     restored = checkpoint.restore(latest, state, check_meta=check_meta)
@@ -384,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
           book["evals_without_improvement"] += 1
         if is_main:
           progress.write(f"step {step}: " + "  ".join(
-              f"val {k} {val[k]:.4f}" for k in _headline(val, task.BEST_METRIC)) + (" *" if improved else ""))
+              f"val {k} {val[k]:.4f}" for k in _headline(val, task)) + (" *" if improved else ""))
       if will_save:
         meta = {"config": config_json, "bookkeeping": book, "dataset": dataset_id}
         checkpoint.save(latest, step, state, meta)
@@ -415,16 +416,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   # Final evaluation with the best checkpoint (by the task's validation metric) on validation and test.
   if best.latest_step() is not None:
     state, _ = checkpoint.restore(best, state, best.latest_step(), check_meta=lambda m: same_run_as_best(
-        m, config_json, book, workdir))
+        m, config_json, book, workdir, task.EXECUTION_KEYS))
   variables = runtime.Variables(graphdef, state["params"], state["batch_stats"])
-  for split in ("validation", "test"):
+  final = [s for s in ("validation", "test") if s in sources]  # cross-validation scores its held-out fold itself
+  for split in final:
     summary[split] = task.evaluate(apply, variables, mesh, sources[split], config)[0]
   if is_main:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({**metrics.json_safe(summary), "note": metrics.JSON_NULL_NOTE}, f, indent=2, allow_nan=False)
     print(f"Done in {summary['wall_time_s']:.0f} s ({stop_reason}). Best step {summary['best_step']}: " +
           ", ".join(f"{s} {task.BEST_METRIC} {summary[s].get(task.BEST_METRIC, float('nan')):.3f}"
-                    for s in ("validation", "test")) + f". Wrote {workdir}/metrics.json")
+                    for s in final) + f". Wrote {workdir}/metrics.json")
   return summary
 
 
@@ -450,9 +452,9 @@ def check_schedule_horizon(tc: ml_collections.ConfigDict, saved_total: int | Non
       f"with another length).")
 
 
-def same_run_as_best(meta: dict, config_json: dict, book: dict, workdir: str) -> None:
+def same_run_as_best(meta: dict, config_json: dict, book: dict, workdir: str, execution_keys=()) -> None:
   """The best checkpoint about to be evaluated was written by this run (same config and run id)."""
-  config_check.same_run(meta.get("config", {}), config_json, workdir)
+  config_check.same_run(meta.get("config", {}), config_json, workdir, execution_keys)
   theirs = meta.get("bookkeeping", {}).get("run_id")
   if theirs != book.get("run_id"):
     raise checkpoint.CheckpointError(
@@ -460,8 +462,10 @@ def same_run_as_best(meta: dict, config_json: dict, book: dict, workdir: str) ->
         f"not evaluating it. Use a new --workdir.")
 
 
-def _headline(val: dict, best_metric: str) -> list[str]:
-  return [k for k in ("loss", best_metric, "accuracy", "iou", "hd95") if k in val]
+def _headline(val: dict, task) -> list[str]:
+  """The validation metrics printed at each evaluation: loss, the best metric, then the task's headline ones."""
+  keys = ("loss", task.BEST_METRIC, *task.HEADLINE_METRICS)
+  return [k for k in dict.fromkeys(keys) if k in val]
 
 
 def _check_finite(window: list[dict], step: int, on_nan: str, workdir: str, last_good_step: int | None) -> None:

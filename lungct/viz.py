@@ -394,6 +394,32 @@ def confusion_matrix(cm: np.ndarray, class_names: Sequence[str] = ("normal", "ab
   return fig
 
 
+def predicted_vs_reference(panels: Sequence[Mapping[str, Any]], *, cols: int = 3) -> Figure:
+  """One scatter per target: reference (x) vs predicted (y) with the identity line; ratings (``levels`` given)
+  jittered horizontally so tied reference values stay visible. Each panel: dict(name, y, p, levels=None, unit="")."""
+  rows = max(1, math.ceil(len(panels) / cols))
+  fig = _new_figure((4.0 * min(cols, max(len(panels), 1)), 3.6 * rows))
+  axes = np.atleast_1d(fig.subplots(rows, min(cols, max(len(panels), 1)), squeeze=False)).ravel()
+  rng = np.random.default_rng(0)
+  for ax, panel in zip(axes, panels):
+    y, p = np.asarray(panel["y"], float), np.asarray(panel["p"], float)
+    levels = panel.get("levels")
+    x = y + (rng.uniform(-0.15, 0.15, y.shape) if levels else 0.0)
+    ax.scatter(x, p, s=12, alpha=0.6, color="tab:blue")
+    lo = np.nanmin(np.concatenate([y, p])) if y.size else 0.0
+    hi = np.nanmax(np.concatenate([y, p])) if y.size else 1.0
+    ax.plot([lo, hi], [lo, hi], ls="--", color="gray", lw=1)
+    unit = f" ({panel['unit']})" if panel.get("unit") else ""
+    ax.set_title(str(panel["name"]), fontsize=10)
+    ax.set_xlabel(f"reference{unit}")
+    ax.set_ylabel(f"predicted{unit}")
+    if levels:
+      ax.set_xticks(list(levels))
+  for ax in axes[len(panels):]:
+    ax.set_axis_off()
+  return fig
+
+
 def roc_curve(fpr: np.ndarray, tpr: np.ndarray, auc: float | None = None,
               operating_points: Sequence[Mapping[str, Any]] | None = None, *,
               title: str | None = None) -> Figure:
@@ -616,7 +642,7 @@ def _scan_figures(path: str, out: str) -> list[str]:
 
 def _dataset_figures(config_path: str, split: str, n: int, out: str) -> list[str]:
   """Figures for the first `n` examples of a built TFDS split (lazy imports)."""
-  from lungct.main import load_config_file
+  from lungct.config_check import load_config_file
   data_cfg = load_config_file(config_path).data
   from lungct.data import lung_ct, pipeline  # Lazy: pulls in TFDS.
   builder = lung_ct.builder_for(data_cfg)

@@ -26,8 +26,8 @@ def _split(seed, n_patients=40, scale=1.0):
 def test_patient_thresholds_are_chosen_on_patient_level_validation_scores(seed):
   val, test = _split(seed), _split(seed + 10)
   ev = classify.with_confidence(val, test, n_boot=50, seed=0)
-  pv = pipeline.patient_level(val["prob"], val["label"], val["patient_id"])
-  pt = pipeline.patient_level(test["prob"], test["label"], test["patient_id"])
+  pv = metrics.patient_level(val["prob"], val["label"], val["patient_id"])
+  pt = metrics.patient_level(test["prob"], test["label"], test["patient_id"])
   pl = ev["patient_level"]
   assert ev["level"] == "study" and pl["level"] == "patient" and pl["n_patients"] == 40
   t_patient = pl["operating_points"]["youden"]["threshold"]
@@ -55,14 +55,14 @@ def test_one_class_validation_gives_undefined_thresholds_not_metrics(tmp_path):
   assert ev["operating_points"]["default@0.5"]["metrics"]["sensitivity"]["value"] > 0
   assert classify.decision_threshold(ev)[0] == 0.5
   assert "youden: undefined (the validation split has no positive" in classify._summary_line("test", ev)
-  head, rows = report.metric_table(ev["operating_points"])
+  head, rows = classify.metric_table(ev["operating_points"])
   assert head[2] == "youden<br>(undefined)" and rows[0][2] == "undefined"
   # Strict JSON round trip, then predict's threshold: 0.5 with the reason, not a TypeError on null.
   c = tiny_config(tmp_path)
   pred = _fake_predictor(c)
   ev["checkpoint_fingerprint"] = checkpoint.fingerprint(pred.variables.params, pred.variables.batch_stats)
   (tmp_path / "eval_test.json").write_text(json.dumps(metrics.json_safe(ev), allow_nan=False))
-  threshold, why, rec = predict.choose_threshold(c, str(tmp_path), pred)
+  threshold, why, rec = classify.choose_threshold(c, str(tmp_path), pred)
   assert threshold == 0.5 and "Youden's threshold is undefined" in why and rec == {"method": "none"}
 
 
@@ -85,13 +85,13 @@ def test_an_evaluation_of_other_weights_is_ignored(tmp_path):
   got, why = classify.load_eval(str(tmp_path), "test", _fake_predictor(c))
   assert got is None and "eval.calibration='none'" in why
   with pytest.raises(FileNotFoundError, match="run --mode=eval first"):
-    predict.choose_threshold(c, str(tmp_path), _fake_predictor(c, w=2.0))
+    classify.choose_threshold(c, str(tmp_path), _fake_predictor(c, w=2.0))
   # With the evaluation of these weights at this calibration, predict takes its threshold and temperature.
   ev = classify.with_confidence(_split(0, scale=3.0), _split(1, scale=3.0), n_boot=20, seed=0,
                                 calibration="temperature")
   ev.update(checkpoint_fingerprint=checkpoint.fingerprint(*_fake_predictor(c).variables[1:]))
   (tmp_path / "eval_test.json").write_text(json.dumps(metrics.json_safe(ev), allow_nan=False))
-  threshold, why, rec = predict.choose_threshold(c, str(tmp_path), _fake_predictor(c))
+  threshold, why, rec = classify.choose_threshold(c, str(tmp_path), _fake_predictor(c))
   assert threshold == ev["operating_points"]["youden"]["threshold"] and rec["temperature"] > 1.5
   assert classify.calibrated(np.array([0.9]), rec)[0] == pytest.approx(
       1 / (1 + np.exp(-np.log(9) / rec["temperature"])))
@@ -121,8 +121,8 @@ def test_report_names_the_classes_and_reads_each_operating_point_on_the_decision
   ev = classify.with_confidence(_split(0), _split(1), n_boot=50, seed=0, calibration="temperature")
   ev.update(class_names=["benign", "malignant"], checkpoint="/run/best/8", checkpoint_step=8,
             checkpoint_fingerprint="f" * 16)
-  ev = report._null_to_nan(json.loads(json.dumps(metrics.json_safe(ev))))
-  page, md = report.render(c, ev, {}, {}, {}, {})
+  ev = classify._null_to_nan(json.loads(json.dumps(metrics.json_safe(ev))))
+  page, md = classify.render_page(c, ev, {}, {}, {}, {})
   assert "Task: malignant vs benign" in page and "abnormal" not in page
   assert "Of 100 <b>malignant</b> studies" in page and "Of 100 <b>malignant</b> patients" in page
   assert "Per patient: 40 patients" in md and "thresholds chosen on per-patient validation scores" in md

@@ -461,3 +461,15 @@ def test_temperature_scaling_multiclass_and_degenerate():
   assert np.isnan(metrics.fit_temperature([1, 1, 1], [0.1, 2.0, 3.0]))  # one class: nothing to fit
   with pytest.raises(ValueError, match="positive"):
     metrics.apply_temperature([0.0], float("nan"))
+
+
+def test_patient_level_is_the_max_over_nodules():
+  prob = [0.1, 0.8, 0.3, 0.2, 0.6]
+  label = [0, 1, 0, 0, 0]
+  pids = ["b", "a", "a", "c", b"c"]
+  out = metrics.patient_level(prob, label, pids)
+  assert out["patient_id"].tolist() == ["a", "b", "c"]
+  np.testing.assert_allclose(out["prob"], [0.8, 0.1, 0.6])
+  assert out["label"].tolist() == [1, 0, 0] and out["count"].tolist() == [2, 1, 2]
+  with pytest.raises(ValueError, match="differ in length"):
+    metrics.patient_level([0.1], [0, 1], ["a"])

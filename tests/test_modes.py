@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lungct import config_check, evaluate, predict, report, runtime, tasks, train
+from lungct.tasks import classify
 from lungct.data import phantom
 from tests.helpers import tiny_config
 
@@ -67,10 +68,10 @@ def test_inference_takes_data_and_model_settings_from_the_checkpoint(trained):
   other = c.copy_and_resolve_references()
   other.data.shape = (48, 64, 64)           # e.g. the config file's default, not what the model was trained at
   other.model.dense = 32
-  m = runtime.restore_for_inference(other, workdir, num_outputs=tasks.num_outputs)
+  m = runtime.restore_for_inference(other, workdir, task_of=tasks.get)
   assert tuple(m.config.data.shape) == tuple(c.data.shape) and m.config.model.dense == c.model.dense
   with pytest.raises(config_check.ConfigError, match="data.shape"):  # said explicitly: refused, one line
-    runtime.restore_for_inference(other, workdir, explicit=["data.shape"], num_outputs=tasks.num_outputs)
+    runtime.restore_for_inference(other, workdir, explicit=["data.shape"], task_of=tasks.get)
 
 
 def test_eval_survives_a_changed_optimizer_schedule_and_freeze(trained, tmp_path):
@@ -103,12 +104,12 @@ def test_report_is_self_contained_html(trained):
 def test_report_and_predict_never_use_an_evaluation_of_other_weights(trained, capsys):
   """Defect 9: eval_test.json written for another checkpoint (--checkpoint=) is not the best checkpoint's."""
   c, workdir = trained
-  best = runtime.restore_for_inference(c, workdir, num_outputs=tasks.num_outputs)
+  best = runtime.restore_for_inference(c, workdir, task_of=tasks.get)
   other_step = next(s for s in (4, 8) if s != best.step)
   evaluate.evaluate_checkpoint(c, workdir, split="test", checkpoint_path=os.path.join(workdir, "checkpoints",
                                                                                        str(other_step)))
   assert json.load(open(os.path.join(workdir, "eval_test.json")))["checkpoint_step"] == other_step
-  threshold, why, _ = predict.choose_threshold(c, workdir, best)
+  threshold, why, _ = classify.choose_threshold(c, workdir, best)
   out = capsys.readouterr().out
   assert "ignored:" in out and f"step {other_step}" in out
   assert "eval_test.json" not in why  # not the other checkpoint's Youden threshold
@@ -117,14 +118,14 @@ def test_report_and_predict_never_use_an_evaluation_of_other_weights(trained, ca
   assert saved["checkpoint_step"] == best.step and saved["checkpoint"] == best.checkpoint
   assert f"step {best.step}, fingerprint {saved['checkpoint_fingerprint']}" in open(
       os.path.join(workdir, "report.html")).read()
-  threshold, why, _ = predict.choose_threshold(c, workdir, best)
+  threshold, why, _ = classify.choose_threshold(c, workdir, best)
   assert why == "Youden's J on validation (eval_test.json)"
   assert threshold == saved["operating_points"]["youden"]["threshold"]
 
 
 def test_per_100_wording():
   m = {"sensitivity": {"value": 0.9}, "specificity": {"value": 0.75}}
-  text = report.per_100(m)
+  text = classify.per_100(m)
   assert "flags about <b>90</b>" in text and "misses about <b>10</b>" in text
   assert "clears about <b>75</b>" in text and "wrongly flags about <b>25</b>" in text
 
@@ -151,7 +152,8 @@ def test_cross_validation_writes_summary(trained, tmp_path):
   out = evaluate.cross_validate(c, str(tmp_path))
   assert out["folds"] == 2 and len(out["per_fold"]) == 2
   n_pool = sum(f["n_heldout"] for f in out["per_fold"])
-  assert all(f["n_train"] + f["n_heldout"] == n_pool for f in out["per_fold"])
+  assert all(f["n_train"] + f["n_selection"] + f["n_heldout"] == n_pool for f in out["per_fold"])
+  assert out["selection"] == "inner" and out["pooled"]["n"] == n_pool
   s = json.load(open(tmp_path / "cv_summary.json"))["summary"]["auc"]
   assert s["mean"] == pytest.approx(np.nanmean(s["per_fold"]))
   assert "| auc |" in open(tmp_path / "cv_summary.md").read()

@@ -160,18 +160,6 @@ def test_decode_types_every_field_and_passes_others():
   assert b["voxel_spacing"].shape == (2, 3)
 
 
-def test_patient_level_is_the_max_over_nodules():
-  prob = [0.1, 0.8, 0.3, 0.2, 0.6]
-  label = [0, 1, 0, 0, 0]
-  pids = ["b", "a", "a", "c", b"c"]
-  out = pipeline.patient_level(prob, label, pids)
-  assert out["patient_id"].tolist() == ["a", "b", "c"]
-  np.testing.assert_allclose(out["prob"], [0.8, 0.1, 0.6])
-  assert out["label"].tolist() == [1, 0, 0] and out["count"].tolist() == [2, 1, 2]
-  with pytest.raises(ValueError, match="differ in length"):
-    pipeline.patient_level([0.1], [0, 1], ["a"])
-
-
 def test_iterate_reads_loader_config():
   import ml_collections  # pylint: disable=g-import-not-at-top
   from configs import default as d  # pylint: disable=g-import-not-at-top

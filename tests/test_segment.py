@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import unet_seg
-from lungct import evaluate, main, models, tasks, train
+from lungct import evaluate, inferers, main, models, tasks, train
 from lungct.tasks import segment
 from tests.helpers import tiny_config
 
@@ -47,10 +47,10 @@ def test_dice_bce_loss_values():
 
 
 def test_window_starts():
-  assert segment.window_starts(20, 8, 0.5) == [0, 4, 8, 12]
-  assert segment.window_starts(28, 16, 0.5) == [0, 8, 12]  # the last window ends flush with the volume
-  assert segment.window_starts(8, 8, 0.5) == [0]
-  assert segment.window_starts(5, 8, 0.5) == [0]
+  assert inferers.window_starts(20, 8, 0.5) == [0, 4, 8, 12]
+  assert inferers.window_starts(28, 16, 0.5) == [0, 8, 12]  # the last window ends flush with the volume
+  assert inferers.window_starts(8, 8, 0.5) == [0]
+  assert inferers.window_starts(5, 8, 0.5) == [0]
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
@@ -62,7 +62,7 @@ def test_sliding_window_reconstructs_identity(mode):
     calls.append(x.shape)
     return x
 
-  out = segment.sliding_window_inference(identity, vol, (8, 16, 16), overlap=0.5, mode=mode, sw_batch_size=5)
+  out = inferers.sliding_window_inference(identity, vol, (8, 16, 16), overlap=0.5, mode=mode, sw_batch_size=5)
   np.testing.assert_allclose(out, vol, rtol=1e-5, atol=1e-6)
   # 4 x 2 x 3 windows per volume, 2 volumes = 48 windows, in batches of exactly 5.
   assert len(calls) == 10 and set(calls) == {(5, 8, 16, 16, 1)}
@@ -70,7 +70,7 @@ def test_sliding_window_reconstructs_identity(mode):
 
 def test_sliding_window_pads_small_volume_and_weights_windows():
   vol = np.random.default_rng(1).random((1, 5, 6, 7, 1)).astype(np.float32)
-  out = segment.sliding_window_inference(lambda x: x, vol, (8, 8, 8), overlap=0.5)
+  out = inferers.sliding_window_inference(lambda x: x, vol, (8, 8, 8), overlap=0.5)
   np.testing.assert_allclose(out, vol, rtol=1e-6)
   # A predictor answering 1 in the first window [0, 8) and 3 in the second [4, 12) (along D). With
   # sigma = 0.125 * 8 = 1 and the Gaussian centred at 3.5, voxel 5 is 1.5 from window 1's centre and
@@ -81,7 +81,7 @@ def test_sliding_window_pads_small_volume_and_weights_windows():
     seen.append(1)
     return np.full(x.shape, 1.0 if len(seen) == 1 else 3.0, np.float32)
 
-  out = segment.sliding_window_inference(by_window, np.zeros((1, 12, 8, 8, 1), np.float32), (8, 8, 8),
+  out = inferers.sliding_window_inference(by_window, np.zeros((1, 12, 8, 8, 1), np.float32), (8, 8, 8),
                                          overlap=0.5, sw_batch_size=1)[0, :, 4, 4, 0]
   a, b = np.exp(-1.125), np.exp(-3.125)
   np.testing.assert_allclose(out[:4], 1.0, rtol=1e-6)
@@ -109,9 +109,9 @@ def test_random_patches_prefers_lesions():
   images = np.arange(2 * 8 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 8, 1)
   masks = np.zeros(images.shape, np.uint8)
   masks[:, 6, 6, 6] = 1
-  x, m = segment.random_patches(images, masks, (4, 4, 4), 1.0, np.random.default_rng(0))
+  x, m = inferers.random_patches(images, masks, (4, 4, 4), 1.0, np.random.default_rng(0))
   assert x.shape == (2, 4, 4, 4, 1) and m.sum() == 2       # every crop holds the lesion voxel
-  x, m = segment.random_patches(images[:, :3], masks[:, :3], (4, 4, 4), 0.0, np.random.default_rng(0))
+  x, m = inferers.random_patches(images[:, :3], masks[:, :3], (4, 4, 4), 0.0, np.random.default_rng(0))
   assert x.shape == (2, 4, 4, 4, 1) and np.all(x[:, 3] == 0)  # depth 3 < 4: zero-padded
 
 
@@ -168,4 +168,28 @@ def test_segmentation_cross_validation_runs_through_the_loop(seg_run, tmp_path):
   c.train.eval_every_steps = 2
   out = evaluate.cross_validate(c, str(tmp_path))
   assert len(out["per_fold"]) == 2 and "dice" in out["summary"]
+  assert out["pooled"]["n"] == sum(f["n_heldout"] for f in out["per_fold"]) and "dice" in out["pooled"]
   assert all(0 <= f["dice"] <= 1 for f in out["per_fold"] if f["dice"] is not None and np.isfinite(f["dice"]))
+
+
+def test_segmentation_external_evaluation_through_the_task(seg_run, tmp_path):
+  """The external set path is the task's own run_eval: segmentation gets it without code of its own."""
+  from lungct.data import phantom
+  c, workdir, _ = seg_run
+  root = tmp_path / "site2"
+  rows = ["filename,label,patient_id,mask"]
+  for i in range(3):
+    ph = phantom.make_phantom(7000 + i, 2, shape_xyz=(32, 32, 16))
+    phantom.write_phantom_nifti(ph, str(root / f"s{i}.nii.gz"), mask_path=str(root / f"s{i}_mask.nii.gz"))
+    rows.append(f"s{i}.nii.gz,1,site2-{i},s{i}_mask.nii.gz")
+  (root / "flat.nii.gz").write_bytes(b"\x1f\x8b broken")
+  rows.append("flat.nii.gz,1,site2-9,")
+  (root / "labels.csv").write_text("\n".join(rows) + "\n")
+  ext = c.copy_and_resolve_references()
+  ext.eval.external_dir, ext.eval.external_csv = str(root), str(root / "labels.csv")
+  result = main.run(ext, workdir, "eval")
+  saved = json.load(open(os.path.join(workdir, "eval_external.json")))
+  assert saved["split"] == "external" and len(saved["cases"]) == 3 == len(result["cases"])
+  assert saved["external"]["totals"] == {"read": 4, "kept": 3, "skipped": 1}
+  assert saved["external"]["shared_patients"] == [] and saved["summary"]["num_lesion_cases"] == 3
+  assert all(0 <= case["dice"] <= 1 for case in saved["cases"])

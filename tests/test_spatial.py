@@ -95,10 +95,7 @@ SCRIPT = textwrap.dedent("""
       assert mem8 < 0.4 * mem1, (mem8, mem1)
 
       if name == "unet3d":   # sliding-window inference with a depth-split predictor equals the 1-device one
-        try:
-          from lungct.tasks.segment import sliding_window_inference
-        except ImportError:
-          from lungct.segment import sliding_window_inference
+        from lungct.inferers import sliding_window_inference
         def predict(p, s, x):
           return jax.nn.sigmoid(nnx.merge(graphdef, p, s)(x, train=False))
         volume = rng.standard_normal((1, 40, 20, 20, 1), dtype=np.float32)

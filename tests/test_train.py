@@ -17,7 +17,7 @@ def data_dir(tmp_path_factory):
 
 def _params(workdir, config):
   m = runtime.restore_for_inference(config, workdir, os.path.join(workdir, "checkpoints"),
-                                    num_outputs=tasks.num_outputs)
+                                    task_of=tasks.get)
   return m.step, jax.tree.map(np.asarray, m.variables.params)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 Batch = dict[str, np.ndarray]
 
 _ARRAY_DTYPES = {"image": np.float32, "mask": np.uint8, "spacing": np.float32,
-                 "voxel_spacing": np.float32, "orig_shape": np.int32}
+                 "voxel_spacing": np.float32, "orig_shape": np.int32, "targets": np.float32}
 _INT_KEYS = ("label", "grade")
 _TEXT_KEYS = ("study_id", "patient_id")
 # Batch dtypes of the scalar keys (stacked by `collate`).
@@ -51,7 +51,8 @@ def decode(example: Mapping[str, Any]) -> dict[str, Any]:
   image float32 (D, H, W, 1) (exactly `preprocess.model_input` of the scan), mask uint8
   (D, H, W, 1), label and grade int, study_id and patient_id str, spacing (original
   (z, y, x) mm), voxel_spacing (mm of one image voxel, (z, y, x)) float32 (3,),
-  orig_shape int32 (3,). Other keys pass through unchanged.
+  orig_shape int32 (3,), targets float32 (len(data.targets),) (NaN = missing; only when data.targets
+  is set). Other keys pass through unchanged.
   """
   out = {}
   for key, value in example.items():
@@ -82,34 +83,6 @@ def collate(examples: Sequence[Mapping[str, Any]]) -> Batch:
     else:
       batch[key] = np.stack([np.asarray(v) for v in values])
   return batch
-
-
-def patient_level(prob: Sequence[float], label: Sequence[int], patient_id: Sequence[Any]
-                  ) -> dict[str, np.ndarray]:
-  """Per-nodule (per-study) scores -> per-patient scores: max over a patient's studies.
-
-  A patient is positive when any of its studies is (max of labels) and scores the
-  highest probability among its studies (a patient with one malignant nodule is a
-  malignant patient). Pure numpy; feed the result to the same metrics as per-study.
-
-  Returns:
-    dict(patient_id=object (P,) str sorted, prob=float64 (P,), label=int32 (P,),
-    count=int32 (P,) studies per patient).
-  """
-  prob = np.asarray(prob, dtype=np.float64)
-  label = np.asarray(label)
-  pids = np.asarray([to_str(p) for p in patient_id], dtype=object)
-  if not (len(prob) == len(label) == len(pids)):
-    raise ValueError(f"prob, label and patient_id differ in length: {len(prob)}, {len(label)}, {len(pids)}")
-  uniq, inverse = np.unique(pids.astype(str), return_inverse=True)
-  p_prob = np.full(len(uniq), -np.inf)
-  np.maximum.at(p_prob, inverse, prob)
-  p_label = np.zeros(len(uniq), np.int64)
-  np.maximum.at(p_label, inverse, label.astype(np.int64))
-  out_ids = np.empty(len(uniq), dtype=object)
-  out_ids[:] = [str(u) for u in uniq]
-  return dict(patient_id=out_ids, prob=p_prob, label=p_label.astype(np.int32),
-              count=np.bincount(inverse, minlength=len(uniq)).astype(np.int32))
 
 
 class _HostBatch:

@@ -5,12 +5,16 @@ Sources (`data.source`):
   synthetic   chest-CT phantoms (`lungct.data.phantom`), generated at build time.
   nodules     nodule crops (`lungct.data.nodules`), generated at build time.
   folder      NIfTI scans under `data.manual_dir` listed by `data.labels_csv`
-              (filename,label[,patient_id][,grade][,mask]).
+              (filename,label[,patient_id][,grade][,mask][,<data.targets>...]).
   dicom       the same CSV, each `filename` a folder holding one DICOM series.
   mosmeddata  `manual_dir/CT-0..CT-4/study_XXXX.nii.gz` (+ masks/study_XXXX_mask.nii.gz).
   medmnist    a MedMNIST 3D `.npz` (`manual_dir` = the file, or the folder holding
               `<data.medmnist_flag>.npz` for 28^3 / `<flag>_64.npz` for 64^3); its own
               train / val / test splits are kept.
+
+Targets (`data.targets`, an open schema): numeric per-study values beyond label and grade, stored as one
+float vector per example (NaN = missing): for folder / dicom the CSV columns of those names, for the generated
+sources the fields they provide (`GENERATED_TARGETS`). Any other name is a DataError naming what is available.
 
 Every problem with the listing (a CSV row, a folder layout) raises `DataError` with a
 one-line message naming the file and row; every problem with one study raises
@@ -40,6 +44,8 @@ SOURCES = ("synthetic", "nodules", "folder", "dicom", "mosmeddata", "medmnist")
 MAX_GRADE = 4
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MEDMNIST_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+# Targets a generated source provides (data.targets); folder / dicom: any numeric CSV column.
+GENERATED_TARGETS = {"nodules": ("diameter_mm", "malignancy"), "synthetic": ("lesion_ml",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,7 @@ class Item:
   phantom_seed: int = -1  # synthetic / nodules
   index: int = -1         # medmnist: row in the split's array
   split: str = ""         # a split fixed by the source (medmnist), else "" = by patient
+  targets: tuple[tuple[str, float], ...] = ()  # folder / dicom: (name, value) of data.targets from the CSV
 
 
 def study_id_of(filename: str) -> str:
@@ -134,11 +141,26 @@ def _read_csv(csv_path: str) -> tuple[list[str], list[dict[str, str]]]:
   return columns, rows
 
 
-def list_folder_items(manual_dir: str, labels_csv: str, *, series_folders: bool = False) -> list[Item]:
+def _float_field(value: str, where: str, column: str) -> float:
+  """A target value: a finite number, or empty / "nan" / "NA" for missing (NaN)."""
+  if value.strip().lower() in ("", "nan", "na", "n/a"):
+    return float("nan")
+  try:
+    out = float(value)
+  except ValueError:
+    raise DataError(f"{where}: {column} {value!r} is not a number (targets are numeric; empty = missing)") from None
+  if not np.isfinite(out):
+    raise DataError(f"{where}: {column} {value!r} is not finite (empty = missing)")
+  return out
+
+
+def list_folder_items(manual_dir: str, labels_csv: str, *, series_folders: bool = False,
+                      targets: tuple[str, ...] = ()) -> list[Item]:
   """Reads and validates the labels CSV; DataError naming the CSV row on any problem.
 
-  Columns (header required): filename, label (0 / 1), optional patient_id (default:
-  the study id), grade (-1..4, default -1) and mask (a mask file). `labels_csv` is a path
+  Columns (header required): filename, label (0 / 1; optional when `targets` are given, then -1 =
+  unknown), optional patient_id (default: the study id), grade (-1..4, default -1), mask (a mask
+  file) and one column per target name (numbers; empty = missing). `labels_csv` is a path
   relative to `manual_dir` (or absolute); the listed paths are relative to `manual_dir`
   and must stay inside it. Study ids are the relative paths (`study_id_of`).
   series_folders: each filename is a folder holding one DICOM series (source "dicom").
@@ -150,10 +172,13 @@ def list_folder_items(manual_dir: str, labels_csv: str, *, series_folders: bool 
     raise DataError(f"labels CSV {labels_csv!r} (data.labels_csv) not found: looked for {csv_path} "
                     "(a relative data.labels_csv is read inside data.manual_dir)")
   columns, rows = _read_csv(csv_path)
-  missing = {"filename", "label"} - set(columns)
+  missing = ({"filename"} if targets else {"filename", "label"}) - set(columns)
   if missing:
     raise DataError(f"{csv_path}: header must name columns filename,label[,patient_id][,grade]"
                     f"[,mask]; missing {sorted(missing)} in {columns}")
+  absent = [t for t in targets if t not in columns]
+  if absent:
+    raise DataError(f"{csv_path}: data.targets {absent} are not columns of the CSV (columns: {columns})")
   items, seen_files, seen_ids = [], {}, {}
   for i, r in enumerate(rows):
     row = i + 2  # 1-based line number; line 1 is the header.
@@ -168,13 +193,14 @@ def list_folder_items(manual_dir: str, labels_csv: str, *, series_folders: bool 
       raise DataError(f"{where}: duplicate study id {study_id!r} (first at row {seen_ids[study_id]}; "
                       "the id is the path without .nii / .nii.gz)")
     seen_ids[study_id] = row
-    label = _int_field(r["label"], where, "label", 0, 1)
+    label = _int_field(r["label"], where, "label", 0, 1) if r.get("label", "") or not targets else -1
     grade = -1
     if r.get("grade", ""):
       grade = _int_field(r["grade"], where, "grade", -1, MAX_GRADE)
     mask_path = _inside(manual_dir, r["mask"], where, "mask") if r.get("mask", "") else ""
+    values = tuple((t, _float_field(r[t], where, t)) for t in targets)
     items.append(Item(study_id=study_id, patient_id=r.get("patient_id", "") or study_id,
-                      label=label, grade=grade, path=path, mask_path=mask_path))
+                      label=label, grade=grade, path=path, mask_path=mask_path, targets=values))
   if not items:
     raise DataError(f"{csv_path}: no rows")
   return items
@@ -249,9 +275,26 @@ def list_medmnist_items(path: str) -> list[Item]:
   return items
 
 
+def target_names(data_cfg: Mapping[str, Any]) -> tuple[str, ...]:
+  """data.targets as a tuple of names; DataError for duplicates or a name the source cannot provide."""
+  names = tuple(str(t) for t in (data_cfg.get("targets", ()) or ()))
+  source = data_cfg.get("source", "synthetic")
+  if len(set(names)) != len(names) or not all(names):
+    raise DataError(f"data.targets={names}: names must be non-empty and distinct")
+  if names and source not in ("folder", "dicom"):
+    provided = GENERATED_TARGETS.get(source, ())
+    unknown = [t for t in names if t not in provided]
+    if unknown:
+      raise DataError(f"data.targets {unknown}: data.source={source!r} provides "
+                      f"{', '.join(provided) if provided else 'no targets'} (folder / dicom: any numeric CSV "
+                      f"column)")
+  return names
+
+
 def list_items(data_cfg: Mapping[str, Any]) -> list[Item]:
   """The studies of data_cfg's source (no volume is read); DataError if the listing is bad."""
   source = data_cfg.get("source", "synthetic")
+  targets = target_names(data_cfg)
   manual_dir = str(data_cfg.get("manual_dir", "") or "")
   if source == "synthetic":
     return [Item(study_id=str(s), patient_id=str(p), label=int(g > 0), grade=int(g), phantom_seed=int(seed))
@@ -270,7 +313,8 @@ def list_items(data_cfg: Mapping[str, Any]) -> list[Item]:
     if not data_cfg.get("labels_csv", ""):
       raise DataError(f"data.source={source!r} needs data.labels_csv "
                       "(filename,label[,patient_id][,grade][,mask])")
-    return list_folder_items(manual_dir, str(data_cfg["labels_csv"]), series_folders=source == "dicom")
+    return list_folder_items(manual_dir, str(data_cfg["labels_csv"]), series_folders=source == "dicom",
+                             targets=targets)
   if source == "medmnist":
     return list_medmnist_items(medmnist_file(manual_dir, str(data_cfg.get("medmnist_flag", "nodulemnist3d")),
                                              int(data_cfg.get("medmnist_size", 28))))
@@ -366,10 +410,17 @@ def load_mask(path: str, scan: nifti.Scan) -> np.ndarray:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Loaded:
   """One study's volume: a Scan (x, y, z), its lesion mask (x, y, z) or None, and
-  whether the values are HU (False: already in [0, 1], e.g. MedMNIST)."""
+  whether the values are HU (False: already in [0, 1], e.g. MedMNIST), and the target values it has
+  (name -> value; `target_vector` picks data.targets from them)."""
   scan: nifti.Scan
   mask: np.ndarray | None
   hu: bool = True
+  targets: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+def target_vector(loaded: Loaded, names: tuple[str, ...]) -> np.ndarray:
+  """float32 (len(names),): the study's values of ``names``, NaN where it has none."""
+  return np.asarray([loaded.targets.get(n, np.nan) for n in names], np.float32)
 
 
 def is_hu(data_cfg: Mapping[str, Any]) -> bool:
@@ -455,11 +506,13 @@ def load_item(item: Item, data_cfg: Mapping[str, Any]) -> Loaded:
     shape = tuple(data_cfg.get("phantom_shape", ()) or ())
     ph = phantom.make_phantom(item.phantom_seed, item.grade, **({"shape_xyz": shape} if shape else {}))
     scan = nifti.Scan(volume=ph.hu, spacing=ph.spacing, affine=ph.affine, path=f"phantom {item.study_id}")
-    return Loaded(scan, ph.mask)
+    lesion_ml = float(np.count_nonzero(ph.mask)) * float(np.prod(ph.spacing)) / 1000.0
+    return Loaded(scan, ph.mask, targets={"lesion_ml": lesion_ml})
   if source == "nodules":
     nod = nodules.make_nodule(item.phantom_seed, item.grade)
     scan = nifti.Scan(volume=nod.hu, spacing=nod.spacing, affine=nod.affine, path=f"nodule {item.study_id}")
-    return Loaded(scan, nod.mask)
+    # malignancy: an LIDC-like 1-5 rating (grades 0, 1 benign; 3, 4 malignant)
+    return Loaded(scan, nod.mask, targets={"diameter_mm": float(nod.diameter_mm), "malignancy": item.grade + 1.0})
   if source == "medmnist":
     split = {v: k for k, v in MEDMNIST_SPLITS.items()}[item.split]
     images = _medmnist_images(item.path, split, os.path.getmtime(item.path))
@@ -475,4 +528,4 @@ def load_item(item: Item, data_cfg: Mapping[str, Any]) -> Loaded:
   else:
     scan = nifti.load_scan(item.path)
   mask = load_mask(item.mask_path, scan) if item.mask_path else None
-  return Loaded(scan, mask)
+  return Loaded(scan, mask, targets=dict(item.targets))

@@ -5,7 +5,10 @@ adds bootstrap confidence intervals at operating thresholds chosen on validation
 """
 from __future__ import annotations
 
+import base64
 import csv
+import datetime
+import html
 import json
 import os
 from typing import Any, Sequence
@@ -15,12 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lungct import checkpoint, metrics, runtime
+from lungct import checkpoint, inferers, interpret, metrics, runtime, viz
 from lungct.data import augment as augment_lib
+from lungct.data import pipeline
 
 NAME = "classify"
 MODES = ("train", "eval", "cv", "predict", "report")
 BEST_METRIC = "auc"
+HEADLINE_METRICS = ("accuracy",)
+CONFIG = "configs/default.py"   # its reference config (with a seconds-long `:tiny` variant)
+CONFIG_GROUP = ""        # its settings live in data (label, num_classes) and train (class_weights)
+EXECUTION_KEYS = ()
 
 
 CALIBRATIONS = ("none", "temperature")
@@ -94,7 +102,8 @@ def make_apply(graphdef, mesh, config):
 def predict_split(apply, variables: runtime.Variables, mesh, source, config) -> dict[str, np.ndarray]:
   """Probabilities and identities of every example of ``source``, exactly once."""
   out: dict[str, list] = {k: [] for k in ("prob", "label", "grade", "study_id", "patient_id")}
-  for probs, batch in runtime.predict_batches(apply, variables, mesh, source, config.train.batch_size):
+  for probs, batch in inferers.whole_volume_batches(apply, variables, mesh, source,
+                                                           config.train.batch_size):
     out["prob"].append(probs)
     for k in ("label", "grade", "study_id", "patient_id"):
       out[k].append(batch[k])
@@ -229,9 +238,8 @@ def patient_level(val: dict, test: dict, *, n_boot: int = 1000, seed: int = 0,
   """Per-patient evaluation (e.g. several nodules per patient): a patient is positive if any of its studies
   is and scores its highest probability, on validation (where the thresholds are chosen) and on ``test``;
   CIs resample patients."""
-  from lungct.data import pipeline
-  pv = pipeline.patient_level(val["prob"], val["label"], val["patient_id"])
-  pt = pipeline.patient_level(test["prob"], test["label"], test["patient_id"])
+  pv = metrics.patient_level(val["prob"], val["label"], val["patient_id"])
+  pt = metrics.patient_level(test["prob"], test["label"], test["patient_id"])
   return {"level": "patient", "n_patients": int(len(pt["prob"])),
           "n_positive": int(np.sum(pt["label"] == 1)),
           "max_studies_per_patient": int(pt["count"].max(initial=0)),
@@ -353,3 +361,423 @@ def _summary_line(split, result) -> str:
                  f"highest study; thresholds chosen on per-patient validation scores):")
     table(pl["operating_points"])
   return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- --mode=predict
+
+def _need_binary(config, mode: str) -> None:
+  if config.data.label != "binary":
+    from lungct import config_check
+    raise config_check.ConfigError(f"config.data.label={config.data.label!r}: --mode={mode} covers binary "
+                                   f"classifiers (config.data.label='binary')")
+
+
+def choose_threshold(config, workdir: str, predictor: runtime.Predictor
+                     ) -> tuple[float, str, dict]:
+  """(threshold, why, recalibration) for ``predictor``'s checkpoint.
+
+  The threshold is config.predict.threshold if set (>= 0); else the Youden threshold --mode=eval chose on
+  validation, read from an eval_test.json / eval_validation.json written for this very checkpoint (an
+  evaluation of other weights is named and ignored); else 0.5. The recalibration (a temperature, with
+  eval.calibration="temperature") comes from that same evaluation; {"method": "none"} without one.
+  """
+  ev, notes = None, []
+  for split in ("test", "validation"):
+    ev, why = load_eval(workdir, split, predictor)
+    if ev is not None:
+      name = f"eval_{split}.json"
+      break
+    if not why.startswith("no "):
+      notes.append(f"ignored: {why}")
+  for note in notes:
+    print(note)
+  rec = (ev or {}).get("recalibration", {"method": "none"})
+  if config.eval.get("calibration", "none") != "none" and ev is None:
+    raise FileNotFoundError(f"config.eval.calibration={config.eval.calibration!r}: no evaluation of "
+                            f"{predictor.checkpoint} holds its temperature; run --mode=eval first")
+  if config.predict.threshold >= 0:
+    return float(config.predict.threshold), "config.predict.threshold", rec
+  if ev is None:
+    return 0.5, "default 0.5 (run --mode=eval first to choose one on validation)", rec
+  youden = ev["operating_points"]["youden"]
+  if youden.get("threshold") is None:
+    return 0.5, f"default 0.5: Youden's threshold is undefined in {name} ({youden.get('undefined')})", rec
+  return float(youden["threshold"]), f"Youden's J on validation ({name})", rec
+
+
+def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
+  """Per scan: P(positive) (recalibrated as --mode=eval chose), the decision at the chosen threshold, and a
+  Grad-CAM overlay PNG in ``out_dir``."""
+  config = predictor.config
+  _need_binary(config, "predict")
+  v = predictor.variables
+  apply = make_apply(v.graphdef, predictor.mesh, config)
+  threshold, why, rec = choose_threshold(config, workdir, predictor)
+  neg, pos = class_names(config)
+  main = runtime.is_main_process()
+  if main:
+    print(f"Decision threshold {threshold:.3f} ({why})."
+          + (f" Probabilities recalibrated with temperature {rec['temperature']:.3f} (fitted on validation)."
+             if rec.get("temperature") is not None else ""))
+  n = runtime.data_size(predictor.mesh)
+
+  def predict_one(scan, image: np.ndarray, name: str) -> dict:
+    batch = np.repeat(image, n, axis=0)  # one copy per batch shard keeps the batch shardable
+    prob = float(runtime.fetch(apply(v.params, v.batch_stats,
+                                     runtime.to_global(predictor.mesh, runtime.host_slice(batch))))[0])
+    prob = float(calibrated(np.asarray([prob]), rec)[0])
+    decision = pos if prob >= threshold else neg
+    if main:
+      cam = np.asarray(interpret.grad_cam(v.graphdef, v.params, v.batch_stats, image,
+                                          layer=config.eval.gradcam_layer or None))[0]
+      png = os.path.join(out_dir, f"{name}_gradcam.png")
+      viz.save(viz.overlay_slices(image[0, ..., 0], cam, num_slices=6,
+                                  title=f"{name}: P({pos})={prob:.3f} -> {decision} (t={threshold:.2f}); "
+                                        f"Grad-CAM"), png)
+      print(f"{scan.path}: P({pos}) = {prob:.3f} -> {decision}   overlay: {png}")
+    return {"probability": f"{prob:.6f}", "decision": decision}
+  return predict_one
+
+
+# ----------------------------------------------------------------------------- --mode=report
+
+def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, out_dir: str,
+                    split: str = "test") -> dict:
+  """The whole classification page (`render_page`: metrics with CIs at each operating point per study and per
+  patient, recalibration, per-100 and net-benefit wording, ROC / confusion / reliability / decision-curve and
+  Grad-CAM figures) of ``split`` (test, or "external": `lungct.evaluate`'s external set, which the report
+  evaluates first); --mode=eval is run first when its result is missing or from another checkpoint."""
+  from lungct.data import lung_ct
+  config = predictor.config
+  _need_binary(config, "report")
+  ev, why = load_eval(workdir, split, predictor)
+  if ev is None:  # missing, or written for another checkpoint or calibration: evaluate this one
+    print(f"report: {why}; running --mode=eval on the {split} split for {predictor.checkpoint}.")
+    run_eval(predictor, sources, workdir, split)
+    ev, why = load_eval(workdir, split, predictor)
+    if ev is None:
+      raise RuntimeError(f"report: {why}")
+  ev = _null_to_nan(ev)
+  v = predictor.variables
+  test_pred = predict_split(make_apply(v.graphdef, predictor.mesh, config), v, predictor.mesh, sources[split],
+                            config)
+  test_pred["prob"] = calibrated(test_pred["prob"], ev.get("recalibration"))
+  figs = make_figures(config, workdir, ev, test_pred, out_dir)
+  figs.update(gradcam_figures(config, predictor, sources[split], test_pred, _decision(ev)[0], out_dir))
+  try:
+    build = lung_ct.read_build_report(lung_ct.builder_for(config.data))
+  except OSError:
+    build = {}
+  summary = {}
+  mpath = os.path.join(workdir, "metrics.json")
+  if os.path.exists(mpath):
+    with open(mpath) as f:
+      summary = json.load(f)
+  page, md = render_page(config, ev, figs, build, summary,
+                         {s: len(x) for s, x in sources.items() if s in ("train", "validation", "test")})
+  return {"page": (page, md)}
+
+
+LIMITATIONS_SYNTHETIC = (
+    "The data are <b>synthetic phantoms</b> generated by lungct, not patient scans: the numbers show that the "
+    "pipeline works, not how a model would perform on real CT.")
+LIMITATIONS_COMMON = [
+    "Small test sets give wide confidence intervals: read the interval, not only the point value.",
+    "Thresholds were chosen on the validation split and applied unchanged to the test split; a new site, "
+    "scanner or population needs its own validation before any threshold is trusted.",
+    "The model sees one preprocessed volume per study (fixed HU window and size); it knows nothing of the "
+    "patient's history, symptoms or prior imaging.",
+    "Heatmaps (Grad-CAM) show where the model's evidence came from, not where disease is; they can highlight "
+    "artefacts.",
+    "This is a research tool. It is <b>not a medical device and not for diagnosis</b>.",
+]
+
+
+def _img(path: str) -> str:
+  with open(path, "rb") as f:
+    return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+def _fmt(m: dict) -> str:
+  return f"{m['value']:.3f} ({m['lo']:.3f}–{m['hi']:.3f})" if np.isfinite(m["value"]) else "n/a"
+
+
+def per_100(op_metrics: dict, class_names=("normal", "abnormal"), unit: str = "studies") -> str:
+  """Sensitivity and specificity as counts out of 100 positive and 100 negative cases (studies or patients)."""
+  sens, spec = op_metrics["sensitivity"]["value"], op_metrics["specificity"]["value"]
+  if not (np.isfinite(sens) and np.isfinite(spec)):
+    return f"Not enough {unit} of both kinds to express this threshold per 100 {unit}."
+  neg, pos = class_names
+  return (f"Of 100 <b>{pos}</b> {unit}, the model flags about <b>{round(100 * sens)}</b> and misses "
+          f"about <b>{100 - round(100 * sens)}</b> (sensitivity {sens:.2f}). Of 100 <b>{neg}</b> {unit}, "
+          f"the model clears about <b>{round(100 * spec)}</b> and wrongly flags about <b>{100 - round(100 * spec)}"
+          f"</b> (specificity {spec:.2f}).")
+
+
+def net_benefit_sentence(name: str, op: dict, class_names=("normal", "abnormal"), unit: str = "studies") -> str:
+  """One sentence reading an operating point on the decision curve (its threshold taken as a risk threshold)."""
+  nb = op.get("net_benefit")
+  if op.get("threshold") is None or not nb or not np.isfinite(nb["model"]["value"]):
+    return f"{name}: no net benefit can be computed at this threshold."
+  t, m, a, adv = op["threshold"], nb["model"], nb["treat_all"], nb["advantage"]
+  pos = class_names[1]
+  head = (f"At the <b>{name}</b> threshold (acting when the predicted risk is at least {100 * t:.0f}%), the "
+          f"model's net benefit is {_fmt(m)}, against {a['value']:.3f} for acting on every case (treat all) "
+          f"and 0 for acting on none")
+  if adv["value"] > 0:
+    return (head + f": using the model is equivalent to finding <b>{100 * adv['value']:.1f}</b> "
+            f"(95% CI {100 * adv['lo']:.1f} to {100 * adv['hi']:.1f}) more {pos} {unit} per 100 {unit} "
+            f"without extra false positives, compared with the better of the two.")
+  return head + (f": at this threshold the model does not beat the better of treat all and treat none "
+                 f"(difference {100 * adv['value']:.1f} per 100 {unit}, 95% CI {100 * adv['lo']:.1f} to "
+                 f"{100 * adv['hi']:.1f}).")
+
+
+CURVE_KEYS = ("train/loss", "val/loss", "train/accuracy", "val/accuracy", "val/auc", "val/sensitivity",
+              "val/specificity", "train/learning_rate")
+
+
+def _defined(ops: dict) -> dict:
+  return {name: op for name, op in ops.items() if op.get("threshold") is not None}
+
+
+def make_figures(config, workdir: str, ev: dict, test_pred: dict, out_dir: str) -> dict[str, str]:
+  figs = {}
+  names = class_names(config)
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(jsonl):
+    history = [{k: v for k, v in rec.items() if k == "step" or k in CURVE_KEYS} for rec in viz.load_history(jsonl)]
+    figs["Training curves"] = viz.save(viz.training_curves([h for h in history if len(h) > 1]),
+                                       os.path.join(out_dir, "training_curves.png"))
+  ops = _defined(ev["operating_points"])
+  y, p = test_pred["label"], test_pred["prob"]
+  points = [{"name": name, "fpr": 1 - op["metrics"]["specificity"]["value"],
+             "tpr": op["metrics"]["sensitivity"]["value"], "threshold": op["threshold"]} for name, op in ops.items()]
+  auc = metrics.roc_auc(y, p)
+  figs["ROC curve (per study)"] = viz.save(
+      viz.roc_curve(np.asarray(ev["roc"]["fpr"]), np.asarray(ev["roc"]["tpr"]), auc=auc, operating_points=points),
+      os.path.join(out_dir, "roc.png"))
+  t, rule = _decision(ev)
+  cm = metrics.confusion_matrix(y, (p >= t).astype(int))
+  figs[f"Confusion matrix (per study, {rule} threshold)"] = viz.save(
+      viz.confusion_matrix(cm, class_names=names, title=f"Test set, threshold {t:.3f}"),
+      os.path.join(out_dir, "confusion.png"))
+  rec = ev.get("recalibration", {})
+  panels = ([("before recalibration", rec["before"], "reliability_before.png"),
+             (f"after temperature scaling (T = {rec['temperature']:.2f}, fitted on validation)", rec["after"],
+              "reliability.png")] if rec.get("temperature") is not None else
+            [("no recalibration", ev["calibration"], "reliability.png")])
+  for label, cal, png in panels:
+    figs[f"Reliability diagram, {label}"] = viz.save(
+        viz.reliability_diagram(np.asarray(cal["bin_confidence"], float), np.asarray(cal["bin_accuracy"], float),
+                                np.asarray(cal["bin_counts"]), ece=cal["ece"]["value"],
+                                title=f"Reliability, {label.split(' (')[0]}"), os.path.join(out_dir, png))
+  dc = ev.get("decision_curve")
+  if dc:
+    figs["Decision curve (per study)"] = viz.save(
+        viz.decision_curve(dc["thresholds"], dc["model"]["value"], dc["treat_all"]["value"],
+                           model_lo=dc["model"]["lo"], model_hi=dc["model"]["hi"],
+                           operating_points=[{"name": n, "threshold": op["threshold"],
+                                              "net_benefit": op.get("net_benefit", {}).get("model", {}).get("value")}
+                                             for n, op in ops.items()],
+                           title=f"Decision curve: {names[1]} vs {names[0]}, per study"),
+        os.path.join(out_dir, "decision_curve.png"))
+  return figs
+
+
+def _decision(ev: dict) -> tuple[float, str]:
+  youden = ev["operating_points"]["youden"]
+  return (youden["threshold"], "Youden") if youden.get("threshold") is not None else (0.5, "default 0.5")
+
+
+def gradcam_figures(config, predictor: runtime.Predictor, source, test_pred: dict, threshold: float,
+                    out_dir: str) -> dict[str, str]:
+  """Grad-CAM overlays for the most confident true/false positives/negatives of the test split."""
+  picks = interpret.explain_cases(test_pred["prob"], test_pred["label"], test_pred["study_id"], threshold=threshold)
+  v = predictor.variables
+  figs = {}
+  positive = class_names(config)[1]
+  names = {"true_positive": "True positive", "false_positive": "False positive",
+           "false_negative": "False negative", "true_negative": "True negative"}
+  for category, idx in picks.items():
+    for j in np.asarray(idx)[:1]:
+      sid = test_pred["study_id"][j]
+      ex = pipeline.decode(source[int(j)])  # predict_split keeps the source's order
+      image = ex["image"][None]
+      cam = np.asarray(interpret.grad_cam(v.graphdef, v.params, v.batch_stats, image,
+                                          layer=config.eval.gradcam_layer or None))[0]
+      mask = ex["mask"][..., 0] if "mask" in ex and np.any(ex["mask"]) else None
+      title = (f"{names.get(category, category)}: {sid}, P({positive})={test_pred['prob'][j]:.2f}, "
+               f"label {test_pred['label'][j]}")
+      figs[f"{names.get(category, category)} ({sid})"] = viz.save(
+          viz.overlay_slices(image[0, ..., 0], cam, num_slices=6, mask=mask, title=title),
+          os.path.join(out_dir, f"gradcam_{category}.png"))
+  return figs
+
+
+METRIC_ROWS = [("roc_auc", "ROC-AUC"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
+               ("ppv", "PPV (precision)"), ("npv", "NPV"), ("accuracy", "Accuracy"),
+               ("balanced_accuracy", "Balanced accuracy"), ("f1", "F1"), ("pr_auc", "PR-AUC"),
+               ("brier", "Brier score"), ("ece", "Calibration error (ECE)")]
+
+
+def metric_table(ops: dict) -> tuple[list[str], list[list[str]]]:
+  """(header, rows) of one level's operating points; an undefined threshold is a column saying why."""
+  head = ["Metric"] + [f"{name}<br>(t = {op['threshold']:.3f})" if op.get("threshold") is not None
+                       else f"{name}<br>(undefined)" for name, op in ops.items()]
+  rows = [[label] + [_fmt(op["metrics"][key]) if op.get("threshold") is not None else "undefined"
+                     for op in ops.values()] for key, label in METRIC_ROWS]
+  rows.append(["TP / FP / TN / FN"] + [_counts(op) if op.get("threshold") is not None else "–"
+                                       for op in ops.values()])
+  return head, rows
+
+
+def _table_html(head, rows) -> str:
+  return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
+      "<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
+
+
+def _table_md(head, rows) -> list[str]:
+  return (["| " + " | ".join(_strip(h.replace("<br>", " ")) for h in head) + " |", "|" + "---|" * len(head)]
+          + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def external_line(info: dict) -> str:
+  """An external set (eval_external.json's "external"): what it is, what its build read / kept / skipped, and
+  whether it shares patients with the training dataset."""
+  t = info["totals"]
+  reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in info.get("skip_reasons", {}).items())
+  skipped = ", ".join(html.escape(os.path.basename(s["file"])) for s in info.get("skipped", [])[:5])
+  shared = info.get("shared_patients", [])
+  return (f"<b>External test set</b>: {html.escape(info['dir'])} (labels {html.escape(info['csv'])}), prepared "
+          f"exactly as the training data: {t['read']} scans read, {t['kept']} kept, <b>{t['skipped']} skipped</b>"
+          + (f" ({reasons}: {skipped})" if t["skipped"] else "") + f"; {info['n_patients']} patients, "
+          + (f"<b>{len(shared)} of them also in the training dataset</b> (not independent)" if shared else
+             "none of them in the training dataset") + ".")
+
+
+def render_page(config, ev: dict, figs: dict[str, str], build: dict, summary: dict, sizes: dict) -> tuple[str, str]:
+  external = ev.get("external")  # eval_external.json: an external test set
+  where = "the external test set" if external else "the test split"
+  names = tuple(ev.get("class_names") or class_names(config))
+  ops = ev["operating_points"]
+  pl = ev.get("patient_level") or {}
+  multi = pl.get("max_studies_per_patient", 1) > 1
+  synthetic = config.data.source == "synthetic"
+  when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+  counts = build.get("totals", {})
+  data_lines = [
+      f"Source: <b>{config.data.source}</b>{' (synthetic phantoms)' if synthetic else ''}; volumes preprocessed to "
+      f"{tuple(config.data.shape)} voxels (depth × height × width), HU window {tuple(config.data.hu_window)}.",
+      (f"External test set: {ev['n']} studies from {ev['n_patients']} patients, {ev['n_positive']} {names[1]}; "
+       f"thresholds from the internal validation split." if external else
+       f"Split by patient: train {sizes.get('train', '?')}, validation {sizes.get('validation', '?')}, "
+       f"test {sizes.get('test', '?')} studies. Test set: {ev['n']} studies from {ev['n_patients']} patients, "
+       f"{ev['n_positive']} {names[1]}."),
+  ] + ([external_line(external)] if external else [])
+  if counts:
+    reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in build.get("skip_reasons", {}).items())
+    data_lines.append(f"Dataset build: {counts.get('read', '?')} scans read, {counts.get('kept', '?')} kept, "
+                      f"<b>{counts.get('skipped', '?')} skipped</b>{' (' + reasons + ')' if reasons else ''}; "
+                      f"every skipped file and its reason is listed in build_report.json. Skipped scans are not "
+                      f"in any split: if they differ from the kept ones (e.g. small nodules), the results may "
+                      f"not carry over to them.")
+  model_line = (f"Model <b>{config.model.name}</b>, checkpoint {html.escape(str(ev.get('checkpoint')))} (step "
+                f"{ev.get('checkpoint_step')}, fingerprint {ev.get('checkpoint_fingerprint')})" +
+                (f", from a run of {summary['steps']} steps in {summary.get('wall_time_s', 0):.0f} s."
+                 if "steps" in summary else "; the run has not finished (no metrics.json)."))
+  rec = ev.get("recalibration", {"method": "none"})
+  if rec.get("temperature") is not None:
+    cal_line = (f"Probabilities are recalibrated by temperature scaling: T = {rec['temperature']:.3f}, fitted on the "
+                f"validation split (a T above 1 softens over-confident outputs; ranking and AUC are unchanged). "
+                f"Test ECE {_fmt(rec['before']['ece'])} before, <b>{_fmt(rec['after']['ece'])}</b> after. Every "
+                f"number below uses the recalibrated probabilities.")
+  elif rec.get("undefined"):
+    cal_line = f"Recalibration was requested but not possible: {rec['undefined']}."
+  else:
+    cal_line = (f"No recalibration (eval.calibration = 'none'); test ECE {_fmt(ev['calibration']['ece'])}. With "
+                f"--config.eval.calibration=temperature, --mode=eval fits a temperature on validation.")
+  study_head, study_rows = metric_table(ops)
+  tables = [("Per study: each study is one case; thresholds chosen on per-study validation scores",
+             study_head, study_rows)]
+  if multi:
+    tables.append((f"Per patient: {pl['n_patients']} patients ({pl['n_positive']} with a {names[1]} study); a "
+                   f"patient is positive if any study is and scores its highest probability; thresholds chosen "
+                   f"on per-patient validation scores", *metric_table(pl["operating_points"])))
+  interp = []
+  for name, op in ops.items():
+    if op.get("threshold") is None:
+      interp.append(f"<li><b>{name}</b>: undefined — {html.escape(op['undefined'])}.</li>")
+      continue
+    interp.append(f"<li><b>{name}</b> (threshold {op['threshold']:.3f}, per study): {per_100(op['metrics'], names)} "
+                  f"{net_benefit_sentence(name, op, names, 'studies')}</li>")
+  if multi:
+    for name, op in pl["operating_points"].items():
+      if op.get("threshold") is not None:
+        interp.append(f"<li><b>{name}</b> (threshold {op['threshold']:.3f}, per patient): "
+                      f"{per_100(op['metrics'], names, 'patients')} "
+                      f"{net_benefit_sentence(name, op, names, 'patients')}</li>")
+  dca_note = ("Net benefit (Vickers &amp; Elkin, Med Decis Making 2006) weighs true positives against false "
+              "positives at the exchange rate a threshold probability t implies (one false positive costs t/(1−t) "
+              "true positives); it reads a threshold as a risk, which is only fair when the probabilities are "
+              "calibrated (see above).")
+  limitations = ([LIMITATIONS_SYNTHETIC] if synthetic else []) + LIMITATIONS_COMMON
+  fig_html = "".join(f"<figure><img src='{_img(p)}' alt='{html.escape(t)}'><figcaption>{html.escape(t)}</figcaption>"
+                     f"</figure>" for t, p in figs.items())
+  tables_html = "".join(f"<h3>{html.escape(title)}</h3>{_table_html(h, r)}" for title, h, r in tables)
+  page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lungct report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.45}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}figure{{display:inline-block;margin:8px;max-width:100%}}
+img{{max-width:100%}}.warn{{background:#fff3cd;padding:8px 12px;border-left:4px solid #e0a800}}</style></head><body>
+<h1>lungct evaluation report</h1><p>Generated {when}. Task: {html.escape(names[1])} vs {html.escape(names[0])}
+({html.escape(config.data.source)} data).</p>
+<p class="warn">Research use only — not for diagnosis.{' Synthetic data.' if synthetic else ''}</p>
+<h2>Data</h2><ul>{''.join(f'<li>{l}</li>' for l in data_lines)}</ul><p>{model_line}</p>
+<h2>Results on {where}</h2>
+<p>Values are point estimates with 95% bootstrap confidence intervals (patients resampled, {config.eval.n_boot} draws).
+Each column is one operating threshold chosen on the validation split: the conventional 0.5, the threshold maximising
+sensitivity + specificity (Youden's J), and the highest thresholds reaching a target sensitivity.</p>
+<p>{cal_line}</p>
+{tables_html}
+<h2>What these numbers mean</h2><ul>{''.join(interp)}</ul>
+<p>{dca_note}</p>
+<p>A lower threshold finds more disease (higher sensitivity) at the cost of more false alarms (lower specificity).
+PPV and NPV depend on how common the finding is: in this test set {ev['n_positive']} of {ev['n']} studies are
+{html.escape(names[1])}; in a population where it is rarer, the PPV will be lower.</p>
+<h2>Figures</h2>{fig_html}
+<h2>Limitations</h2><ul>{''.join(f'<li>{l}</li>' for l in limitations)}</ul>
+</body></html>"""
+  md = ["# lungct evaluation report", "", f"Generated {when}. Task: {names[1]} vs {names[0]}. "
+        f"**Research use only — not for diagnosis.**", "", "## Data", ""] + [
+        f"- {_strip(l)}" for l in data_lines] + ["", _strip(model_line), "",
+        f"## Results on {where} (95% bootstrap CIs)", "", _strip(cal_line), ""]
+  for title, h, r in tables:
+    md += [f"### {title}", ""] + _table_md(h, r) + [""]
+  md += ["## What these numbers mean", ""] + [f"- {_strip(i)}" for i in interp] + ["", _strip(dca_note), "",
+         "## Figures", ""] + [f"![{t}](report/{os.path.basename(p)})" for t, p in figs.items()] + [
+         "", "## Limitations", ""] + [f"- {_strip(l)}" for l in limitations]
+  return page, "\n".join(md) + "\n"
+
+
+_KEEP_NONE = frozenset({"threshold", "temperature"})  # None there means "undefined", said as such
+
+
+def _null_to_nan(obj):
+  """eval_<split>.json writes undefined values as null (strict JSON); the report computes with NaN (thresholds
+  and temperatures stay None: an undefined one is reported, not computed with)."""
+  if isinstance(obj, dict):
+    return {k: v if k in _KEEP_NONE and v is None else _null_to_nan(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_null_to_nan(v) for v in obj]
+  return float("nan") if obj is None else obj
+
+
+def _counts(op) -> str:
+  c = op["counts"]
+  return f"{c['tp']} / {c['fp']} / {c['tn']} / {c['fn']}"
+
+
+def _strip(s: str) -> str:
+  import re
+  return re.sub(r"<[^>]+>", "", s)

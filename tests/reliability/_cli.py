@@ -1,22 +1,17 @@
 """Runs `python -m lungct.main` as a subprocess on a tiny config, for every task (the guarantees are per loop,
-and the loop is shared: each reliability test runs for classification and segmentation)."""
+and the loop is shared: each reliability test runs for every task of `lungct.tasks.TASKS`)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 
+from lungct import tasks
 from tests.helpers import ROOT
 
-# Per task: the config file and flags that shrink it to seconds (tiny data, narrow models, no precise BN).
-TASKS = {
-    "classify": ("configs/default.py", (
-        "--config.data.num_scans=24", "--config.data.shape=(48,48,48)", "--config.model.features=(4,8,8,16)",
-        "--config.model.dense=16")),
-    "segment": ("configs/unet_seg.py", (
-        "--config.data.num_scans=12", "--config.data.shape=(16,32,32)", "--config.model.features=(4,8)",
-        "--config.segment.patch=(16,16,16)", "--config.segment.sw_batch_size=2")),
-}
+# Every task of lungct.tasks.TASKS, run through its reference config's seconds-long variant (tiny data, narrow
+# models): a task added there is covered by every reliability test without a line here.
+TASKS = {name: f"{task.CONFIG}:tiny" for name, task in tasks.TASKS.items()}
 COMMON = ("--config.loader.num_threads=1", "--config.train.batch_size=4", "--config.train.num_epochs=1",
           "--config.train.log_every_steps=2", "--config.train.progress_bar=False", "--config.eval.n_boot=50",
           "--config.train.precise_bn_batches=0")
@@ -31,9 +26,8 @@ def env() -> dict[str, str]:
 
 
 def argv(task: str, workdir, data_dir, *extra: str) -> list[str]:
-  config, flags = TASKS[task]
-  return [sys.executable, "-m", "lungct.main", "--config", os.path.join(ROOT, config), "--workdir", str(workdir),
-          f"--config.data.data_dir={data_dir}", *flags, *COMMON, *extra]
+  return [sys.executable, "-m", "lungct.main", "--config", os.path.join(ROOT, TASKS[task]), "--workdir",
+          str(workdir), f"--config.data.data_dir={data_dir}", *COMMON, *extra]
 
 
 def run(task: str, workdir, data_dir, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -49,15 +43,10 @@ def popen(task: str, workdir, data_dir, *extra: str) -> subprocess.Popen:
 def build_dataset(task: str, data_dir) -> None:
   """Builds the task's tiny dataset once (the config exactly as the command line gives it), so subprocesses only
   read it."""
-  from lungct import config_check, main
+  from lungct import config_check
   from lungct.data import lung_ct
-  config, flags = TASKS[task]
-  c = main.load_config_file(os.path.join(ROOT, config))
-  overrides = {"data.data_dir": str(data_dir)}
-  for flag in flags:
-    key, _, value = flag[len("--config."):].partition("=")
-    overrides[key] = eval(value)  # noqa: S307  (our own literals above)
-  lung_ct.prepare(config_check.apply_overrides(c, overrides).data)
+  c = config_check.load_config_file(os.path.join(ROOT, TASKS[task]))
+  lung_ct.prepare(config_check.apply_overrides(c, {"data.data_dir": str(data_dir)}).data)
 
 
 def params(workdir, step: int | None = None) -> tuple[int, list]:
