@@ -122,6 +122,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval.sensitivity_targets = (0.9, 0.95)  # extra operating points: threshold reaching this sensitivity on validation
   c.eval.calibration = "none"     # none | temperature (fitted on validation by --mode=eval, applied by eval/predict/report)
   c.eval.gradcam_layer = "blocks.1"  # Grad-CAM layer for predict/report ("" = the last block with > 1 voxel)
+  c.eval.external_dir = ""        # --mode=eval/report on an external test set: the folder of its scans (NIfTI or DICOM
+  c.eval.external_csv = ""        # series) and its labels CSV (filename,label[,patient_id][,grade][,mask]); every scan
+  c.eval.external_source = ""     # prepared as the checkpoint's training data; source folder | dicom ("" = folder,
+                                  # or dicom for a model trained on DICOM)
 
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""            # --mode=predict: a .nii/.nii.gz file or a folder of them
@@ -132,6 +136,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.cv = ml_collections.ConfigDict()
   c.cv.folds = 5                  # --mode=cv: k, over train+validation, grouped by patient, stratified by label
   c.cv.seed = 0
+  c.cv.selection = "inner"        # inner: checkpoint, early stopping and thresholds chosen on an inner validation split
+                                  # of each fold's training patients, the held-out fold scored once (honest);
+                                  # heldout: chosen on the held-out fold itself (optimistic; kept to compare)
+  c.cv.inner_fraction = 0.2       # selection=inner: share of each fold's training patients held for validation
 
   c.resume = True                 # resume from the latest checkpoint in the workdir
   c.init_from = ""                # transfer learning: a workdir or checkpoint step folder to load matching params from

@@ -51,8 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment = default.get_augment_config()
     c.loader = default.get_loader_config()
 
+  # conv_impl="onednn": oneDNN's convolutions on the CPU (XLA's elsewhere, and where oneDNN lacks a kernel
+  # for the CPU/dtype); correct on AVX-512/AMX, AVX2 and SSE4.1 (docs/onednn.md).
   c.model = models.model_config("resnet3d", depth=10, width=8, dropout=0.2, stem_stride=(1, 1, 1),
-                                stem_pool=False, stem_kernel=3)
+                                stem_pool=False, stem_kernel=3, conv_impl="onednn")
 
   a = c.augment
   a.enabled = True

@@ -1,4 +1,5 @@
-"""Runs one ablation: every variant for several seeds, each in its own workdir, then a mean ± std table.
+"""Runs one ablation: every variant for several seeds, each in its own workdir, then a mean ± std table and each
+variant's paired test-AUC difference from the first variant, with its CI and p-value (`experiments.compare`).
 
     python -m experiments.run augment --seeds 3 --out experiments/results
     python -m experiments.run model --seeds 2 --set train.num_epochs=2 --variants cnn3d
@@ -34,20 +35,29 @@ def _config(ablation: ablations.Ablation, overrides: dict, cli: dict, runs: dict
 
 
 def _train(config, workdir: str) -> dict:
-  """The training run's summary (through the CLI's entry point, `lungct.main.run`); reuses
-  <workdir>/metrics.json if it was written by the same config."""
+  """The training run's summary (through the CLI's entry point, `lungct.main.run`), then --mode=eval on its
+  best checkpoint (predictions_test.csv, for the paired comparisons); reuses <workdir>/metrics.json and the
+  predictions if they were written by the same config."""
   from lungct import main
   from lungct.data import lung_ct
   done, cfg_file = os.path.join(workdir, "metrics.json"), os.path.join(workdir, "run_config.json")
   config_json = config.to_json_best_effort(sort_keys=True)
   if os.path.exists(done) and os.path.exists(cfg_file) and open(cfg_file).read() == config_json:
-    return json.load(open(done))
-  lung_ct.prepare(config.data)  # build the dataset first: its one-off cost is not part of the wall time
-  print(f"=== {workdir}", flush=True)
-  summary = main.run(config, workdir, "train")
-  with open(cfg_file, "w") as f:
-    f.write(config_json)
+    summary = json.load(open(done))
+  else:
+    lung_ct.prepare(config.data)  # build the dataset first: its one-off cost is not part of the wall time
+    print(f"=== {workdir}", flush=True)
+    summary = main.run(config, workdir, "train")
+    with open(cfg_file, "w") as f:
+      f.write(config_json)
+    if os.path.exists(os.path.join(workdir, PREDICTIONS)):
+      os.remove(os.path.join(workdir, PREDICTIONS))  # another config's
+  if config.data.label == "binary" and not os.path.exists(os.path.join(workdir, PREDICTIONS)):
+    main.run(config, workdir, "eval")  # thresholds on validation, predictions_test.csv
   return summary
+
+
+PREDICTIONS = "predictions_test.csv"
 
 
 def run(name: str, seeds: int, out: str, cli: dict, variants: list[str] | None = None,
@@ -59,7 +69,7 @@ def run(name: str, seeds: int, out: str, cli: dict, variants: list[str] | None =
   for req, overrides in ablation.requires.items():
     runs[req] = os.path.join(root, f"_{req}")
     _train(_config(ablation, overrides, cli, runs), runs[req])
-  rows = []
+  rows, files = [], {}
   for variant, overrides in ablation.variants:
     if variants and variant not in variants:
       continue
@@ -67,21 +77,47 @@ def run(name: str, seeds: int, out: str, cli: dict, variants: list[str] | None =
     for seed in range(seeds):
       config = _config(ablation, {**overrides, "seed": seed}, cli, runs)
       per_seed.append(_train(config, os.path.join(root, variant, f"seed_{seed}")))
+    files[variant] = [os.path.join(root, variant, f"seed_{s}", PREDICTIONS) for s in range(seeds)]
     row = {"variant": variant, "seeds": len(per_seed)}
     for col, split, key in COLUMNS:
       values = np.array([float(s[split][key] if split else s[key]) for s in per_seed])
       row[col] = float(np.nanmean(values))
       row[col + "_std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0
     rows.append(row)
-  _write(name, ablation, rows, out, command)
+  diffs = paired_differences(rows, files)
+  _write(name, ablation, rows, out, command, diffs)
   return rows
 
 
-def _write(name: str, ablation: ablations.Ablation, rows: list[dict], out: str, command: str) -> None:
+def paired_differences(rows: list[dict], files: dict[str, list[str]], n_boot: int = 2000) -> list[dict]:
+  """Each variant's test AUC against the first one's on the same test studies (`experiments.compare`): paired
+  patient bootstrap of the difference of the seed-mean AUCs, DeLong per seed, spread of the per-seed
+  differences. Adds test_auc_diff, _lo, _hi, _p to the rows; returns the comparisons."""
+  from experiments import compare
+  have = [r["variant"] for r in rows if all(os.path.exists(f) for f in files.get(r["variant"], [None]))]
+  if len(have) < 2:
+    return []
+  ref, out = have[0], []
+  for r in rows:
+    if r["variant"] == ref or r["variant"] not in have:
+      continue
+    c = compare.compare_runs(files[r["variant"]], files[ref], names=(r["variant"], ref), n_boot=n_boot)
+    b = c["bootstrap"]
+    r.update(test_auc_diff=b["diff"], test_auc_diff_lo=b["lo"], test_auc_diff_hi=b["hi"],
+             test_auc_diff_p=b["p_value"])
+    out.append(c)
+  return out
+
+
+def _write(name: str, ablation: ablations.Ablation, rows: list[dict], out: str, command: str,
+           diffs: list[dict] = ()) -> None:
+  from experiments import compare
   os.makedirs(out, exist_ok=True)
   fields = ["variant", "seeds"] + [f for col, _, _ in COLUMNS for f in (col, col + "_std")]
+  if diffs:
+    fields += ["test_auc_diff", "test_auc_diff_lo", "test_auc_diff_hi", "test_auc_diff_p"]
   with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=fields)
+    w = csv.DictWriter(f, fieldnames=fields, restval="")
     w.writeheader()
     w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
   md = [f"# Ablation: {name}", "", f"`{command}`", "", ablation.description + ". Mean ± std over seeds; "
@@ -92,6 +128,18 @@ def _write(name: str, ablation: ablations.Ablation, rows: list[dict], out: str, 
     cells = [f"{r[col]:.1f} ± {r[col + '_std']:.1f}" if col == "wall_time_s" else
              f"{r[col]:.3f} ± {r[col + '_std']:.3f}" for col, _, _ in COLUMNS]
     md.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
+  if diffs:
+    ref = diffs[0]["b"]["path"]
+    md += ["", f"Paired differences in test AUC against `{ref}` on the same {diffs[0]['n_studies']} test studies "
+           f"({diffs[0]['n_patients']} patients): paired patient bootstrap of the difference of the seed means "
+           "(95% CI, two-sided p), the per-seed differences' spread, DeLong's p for each seed pair.", "",
+           "| variant | AUC difference [95% CI] | p | per seed: mean ± sd | DeLong p per seed |", "|---|---|---|---|---|"]
+    for c in diffs:
+      b, s = c["bootstrap"], c.get("seeds")
+      spread = f"{s['diff_mean']:+.3f} ± {s['diff_sd']:.3f}" if s else f"{c['delong'][0]['diff']:+.3f} (1 seed)"
+      md.append(f"| {c['a']['path']} | {b['diff']:+.3f} [{compare.fmt_diff(b['lo'])}, {compare.fmt_diff(b['hi'])}] | "
+                f"{compare.fmt_p(b['p_value'])} | {spread} | " + ", ".join(compare.fmt_p(d["p_value"]) for d in c["delong"])
+                + " |")
   with open(os.path.join(out, f"{name}.md"), "w") as f:
     f.write("\n".join(md) + "\n")
   print("\n".join(md))

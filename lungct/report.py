@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import inspect
 import json
 import os
 import re
@@ -57,10 +58,20 @@ def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_pat
                  explicit=()) -> str:
   predictor, task = tasks.restore(config, workdir, checkpoint_path, explicit, "report")
   config = predictor.config
-  sources = runtime.data_sources(config)
   out_dir = os.path.join(workdir, "report")
-  os.makedirs(out_dir, exist_ok=True)
-  part = task.report_sections(predictor, sources, workdir, out_dir)
+  if config.eval.get("external_dir", ""):  # the external set (lungct.evaluate), evaluated afresh, is the page's
+    from lungct import evaluate
+    if "split" not in inspect.signature(task.report_sections).parameters:
+      raise tasks.TaskError(f"--mode=report of an external set is not supported by config.task={task.NAME!r} "
+                            f"(--mode=eval writes its eval_external.json)")
+    sources, _ = evaluate.external_sources(config)
+    evaluate.evaluate_external(predictor, workdir)
+    os.makedirs(out_dir, exist_ok=True)
+    part = task.report_sections(predictor, sources, workdir, out_dir, split=evaluate.EXTERNAL)
+  else:
+    sources = runtime.data_sources(config)
+    os.makedirs(out_dir, exist_ok=True)
+    part = task.report_sections(predictor, sources, workdir, out_dir)
   if "page" in part:  # a task that renders its whole page (classification)
     html_text, md_text = part["page"]
     return _write(workdir, html_text, md_text, out_dir)

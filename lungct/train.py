@@ -256,7 +256,8 @@ def _progress(total: int, initial: int, enabled: bool):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources: dict | None = None) -> dict:
   """Trains ``config.task`` per ``config``; writes checkpoints, metrics.jsonl, TensorBoard and metrics.json.
 
-  ``sources`` (default: the dataset's train/validation/test splits) lets cross-validation pass its folds.
+  ``sources`` (default: the dataset's train/validation/test splits) lets cross-validation pass its folds; without
+  a "test" source the final evaluation scores validation only.
   """
   from lungct.data import pipeline
   task = tasks.get(config)
@@ -417,14 +418,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
     state, _ = checkpoint.restore(best, state, best.latest_step(), check_meta=lambda m: same_run_as_best(
         m, config_json, book, workdir, task.EXECUTION_KEYS))
   variables = runtime.Variables(graphdef, state["params"], state["batch_stats"])
-  for split in ("validation", "test"):
+  final = [s for s in ("validation", "test") if s in sources]  # cross-validation scores its held-out fold itself
+  for split in final:
     summary[split] = task.evaluate(apply, variables, mesh, sources[split], config)[0]
   if is_main:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({**metrics.json_safe(summary), "note": metrics.JSON_NULL_NOTE}, f, indent=2, allow_nan=False)
     print(f"Done in {summary['wall_time_s']:.0f} s ({stop_reason}). Best step {summary['best_step']}: " +
           ", ".join(f"{s} {task.BEST_METRIC} {summary[s].get(task.BEST_METRIC, float('nan')):.3f}"
-                    for s in ("validation", "test")) + f". Wrote {workdir}/metrics.json")
+                    for s in final) + f". Wrote {workdir}/metrics.json")
   return summary
 
 

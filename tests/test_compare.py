@@ -134,3 +134,57 @@ def test_paired_bootstrap_averages_the_runs_of_each_side():
   expected = np.mean([roc_auc_score(y, r) for r in a]) - np.mean([roc_auc_score(y, r) for r in b])
   assert out["diff"] == pytest.approx(expected, abs=1e-12)
   assert out["lo"] <= out["diff"] <= out["hi"] and out["n_used"] == 100
+
+
+# ----------------------------------------------------------------------------- python -m experiments.compare
+
+def _write_run(path, y, p, patients):
+  import csv
+  path.mkdir(parents=True, exist_ok=True)
+  with open(path / "predictions_test.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["study_id", "patient_id", "label", "probability", "prediction", "threshold"])
+    for i in np.random.default_rng(len(str(path))).permutation(len(y)):  # each file in its own order
+      w.writerow([f"s{i:03d}", patients[i], int(y[i]), f"{p[i]:.6f}", int(p[i] >= 0.5), 0.5])
+
+
+def test_compare_two_ablation_variants_over_seeds(tmp_path):
+  from experiments import compare
+  rng = np.random.default_rng(0)
+  n = 90
+  y = (np.arange(n) % 3 == 0).astype(int)
+  patients = [f"p{i // 2}" for i in range(n)]
+  shared = rng.normal(size=n)
+  a = [1 / (1 + np.exp(-(shared + 2.0 * y + 0.4 * rng.normal(size=n)))) for _ in range(3)]
+  b = [1 / (1 + np.exp(-(shared + 0.7 * y + 0.4 * rng.normal(size=n)))) for _ in range(3)]
+  for s in range(3):
+    _write_run(tmp_path / "A" / f"seed_{s}", y, a[s], patients)
+    _write_run(tmp_path / "B" / f"seed_{s}", y, b[s], patients)
+  out = compare.main([str(tmp_path / "A"), str(tmp_path / "B"), "--n-boot", "500",
+                      "--json", str(tmp_path / "cmp.json")])
+  yy, pa = y, np.round(a, 6)
+  assert out["n_studies"] == n and out["n_patients"] == 45 and len(out["delong"]) == 3
+  assert out["a"]["auc"] == pytest.approx([roc_auc_score(yy, r) for r in pa], abs=1e-12)
+  d0 = metrics.delong_test(y, np.round(a[0], 6), np.round(b[0], 6))
+  assert out["delong"][0]["diff"] == pytest.approx(d0["diff"]) and out["delong"][0]["p_value"] == pytest.approx(d0["p_value"])
+  per_seed = [roc_auc_score(y, np.round(a[s], 6)) - roc_auc_score(y, np.round(b[s], 6)) for s in range(3)]
+  assert out["bootstrap"]["diff"] == pytest.approx(np.mean(per_seed), abs=1e-12)
+  assert out["seeds"]["diff_sd"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
+  assert out["bootstrap"]["lo"] > 0 and out["bootstrap"]["p_value"] < 0.01  # A is clearly better here
+  assert "difference +" in compare.summary_line(out)
+  # A against itself: no difference.
+  same = compare.compare(str(tmp_path / "A"), str(tmp_path / "A"), n_boot=100)
+  assert same["bootstrap"]["diff"] == 0 and same["bootstrap"]["p_value"] == 1.0
+
+
+def test_compare_refuses_runs_on_other_studies(tmp_path):
+  from experiments import compare
+  y = np.array([0, 1] * 10)
+  _write_run(tmp_path / "A", y, np.linspace(0, 1, 20), [f"p{i}" for i in range(20)])
+  _write_run(tmp_path / "B", y[:18], np.linspace(0, 1, 18), [f"p{i}" for i in range(18)])
+  with pytest.raises(compare.CompareError, match="other studies"):
+    compare.compare(str(tmp_path / "A"), str(tmp_path / "B"))
+  (tmp_path / "C").mkdir()
+  (tmp_path / "C" / "metrics.json").write_text("{}")
+  with pytest.raises(compare.CompareError, match="run --mode=eval on it first"):
+    compare.compare(str(tmp_path / "A"), str(tmp_path / "C"))

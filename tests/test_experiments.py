@@ -4,7 +4,7 @@ import shlex
 
 import pytest
 
-from experiments import ablations, run
+from experiments import ablations, compare, run
 from lungct import config_check
 
 # Explicit micro sizes: the ablations' base config is the full default size (160 phantoms at 48x64x64).
@@ -15,28 +15,36 @@ TINY = ["--set", "data.num_scans=24", "--set", "data.shape=(48, 48, 48)", "--set
 
 def test_micro_sweep_writes_the_table(tmp_path):
   out = tmp_path / "results"
-  argv = ["pretraining", "--seeds", "1", "--variants", "finetuned", "--out", str(out),
+  argv = ["pretraining", "--seeds", "1", "--variants", "scratch", "finetuned", "--out", str(out),
           "--set", f"data.data_dir={tmp_path / 'tfds'}"] + TINY
   rows = run.main(argv)
-  assert [r["variant"] for r in rows] == ["finetuned"] and rows[0]["seeds"] == 1
+  assert [r["variant"] for r in rows] == ["scratch", "finetuned"] and rows[0]["seeds"] == 1
   assert (out / "runs" / "pretraining" / "_pretrain" / "metrics.json").exists()  # the prerequisite ran first
-  assert (out / "runs" / "pretraining" / "finetuned" / "seed_0" / "metrics.json").exists()
-  assert not (out / "runs" / "pretraining" / "scratch").exists()
+  runs = out / "runs" / "pretraining"
+  assert (runs / "finetuned" / "seed_0" / "metrics.json").exists()
+  # The paired difference against the first variant, on the same test studies.
+  cmp = compare.compare(str(runs / "finetuned"), str(runs / "scratch"), n_boot=2000)
+  assert rows[1]["test_auc_diff"] == pytest.approx(cmp["bootstrap"]["diff"], abs=1e-12)
+  assert rows[1]["test_auc_diff_p"] == pytest.approx(cmp["bootstrap"]["p_value"], abs=1e-12)
+  assert "test_auc_diff" not in rows[0]
 
   table = list(csv.DictReader(open(out / "pretraining.csv")))
   assert list(table[0]) == ["variant", "seeds", "val_auc", "val_auc_std", "test_auc", "test_auc_std",
                             "test_accuracy", "test_accuracy_std", "test_sensitivity", "test_sensitivity_std",
-                            "test_specificity", "test_specificity_std", "wall_time_s", "wall_time_s_std"]
-  assert table[0]["variant"] == "finetuned" and table[0]["seeds"] == "1"
-  assert float(table[0]["test_accuracy"]) == pytest.approx(rows[0]["test_accuracy"], abs=1e-4)
-  assert 0 <= float(table[0]["test_accuracy"]) <= 1 and float(table[0]["wall_time_s"]) > 0
-  assert float(table[0]["wall_time_s_std"]) == 0.0  # one seed
+                            "test_specificity", "test_specificity_std", "wall_time_s", "wall_time_s_std",
+                            "test_auc_diff", "test_auc_diff_lo", "test_auc_diff_hi", "test_auc_diff_p"]
+  assert table[1]["variant"] == "finetuned" and table[1]["seeds"] == "1" and table[0]["test_auc_diff"] == ""
+  assert float(table[1]["test_accuracy"]) == pytest.approx(rows[1]["test_accuracy"], abs=1e-4)
+  assert 0 <= float(table[1]["test_accuracy"]) <= 1 and float(table[1]["wall_time_s"]) > 0
+  assert float(table[1]["wall_time_s_std"]) == 0.0  # one seed
   md = open(out / "pretraining.md").read().splitlines()
   assert md[2] == f"`python -m experiments.run {shlex.join(argv)}`"
-  assert md[-1].startswith("| finetuned | 1 | ")
+  assert "| finetuned | 1 | " in "\n".join(md) and md[-1].startswith("| finetuned | ")
+  assert "Paired differences in test AUC against `scratch`" in "\n".join(md)
 
   # Same command again: every run is reused from its metrics.json, nothing retrains.
-  assert run.main(argv)[0]["test_accuracy"] == rows[0]["test_accuracy"]
+  again = run.main(argv)
+  assert again[1]["test_accuracy"] == rows[1]["test_accuracy"] and again[1]["test_auc_diff"] == rows[1]["test_auc_diff"]
 
 
 def test_every_variant_override_names_a_config_key():

@@ -152,7 +152,8 @@ def test_cross_validation_writes_summary(trained, tmp_path):
   out = evaluate.cross_validate(c, str(tmp_path))
   assert out["folds"] == 2 and len(out["per_fold"]) == 2
   n_pool = sum(f["n_heldout"] for f in out["per_fold"])
-  assert all(f["n_train"] + f["n_heldout"] == n_pool for f in out["per_fold"])
+  assert all(f["n_train"] + f["n_selection"] + f["n_heldout"] == n_pool for f in out["per_fold"])
+  assert out["selection"] == "inner" and out["pooled"]["n"] == n_pool
   s = json.load(open(tmp_path / "cv_summary.json"))["summary"]["auc"]
   assert s["mean"] == pytest.approx(np.nanmean(s["per_fold"]))
   assert "| auc |" in open(tmp_path / "cv_summary.md").read()

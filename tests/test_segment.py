@@ -168,4 +168,28 @@ def test_segmentation_cross_validation_runs_through_the_loop(seg_run, tmp_path):
   c.train.eval_every_steps = 2
   out = evaluate.cross_validate(c, str(tmp_path))
   assert len(out["per_fold"]) == 2 and "dice" in out["summary"]
+  assert out["pooled"]["n"] == sum(f["n_heldout"] for f in out["per_fold"]) and "dice" in out["pooled"]
   assert all(0 <= f["dice"] <= 1 for f in out["per_fold"] if f["dice"] is not None and np.isfinite(f["dice"]))
+
+
+def test_segmentation_external_evaluation_through_the_task(seg_run, tmp_path):
+  """The external set path is the task's own run_eval: segmentation gets it without code of its own."""
+  from lungct.data import phantom
+  c, workdir, _ = seg_run
+  root = tmp_path / "site2"
+  rows = ["filename,label,patient_id,mask"]
+  for i in range(3):
+    ph = phantom.make_phantom(7000 + i, 2, shape_xyz=(32, 32, 16))
+    phantom.write_phantom_nifti(ph, str(root / f"s{i}.nii.gz"), mask_path=str(root / f"s{i}_mask.nii.gz"))
+    rows.append(f"s{i}.nii.gz,1,site2-{i},s{i}_mask.nii.gz")
+  (root / "flat.nii.gz").write_bytes(b"\x1f\x8b broken")
+  rows.append("flat.nii.gz,1,site2-9,")
+  (root / "labels.csv").write_text("\n".join(rows) + "\n")
+  ext = c.copy_and_resolve_references()
+  ext.eval.external_dir, ext.eval.external_csv = str(root), str(root / "labels.csv")
+  result = main.run(ext, workdir, "eval")
+  saved = json.load(open(os.path.join(workdir, "eval_external.json")))
+  assert saved["split"] == "external" and len(saved["cases"]) == 3 == len(result["cases"])
+  assert saved["external"]["totals"] == {"read": 4, "kept": 3, "skipped": 1}
+  assert saved["external"]["shared_patients"] == [] and saved["summary"]["num_lesion_cases"] == 3
+  assert all(0 <= case["dice"] <= 1 for case in saved["cases"])

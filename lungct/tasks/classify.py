@@ -441,27 +441,29 @@ def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
 
 # ----------------------------------------------------------------------------- --mode=report
 
-def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, out_dir: str) -> dict:
+def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, out_dir: str,
+                    split: str = "test") -> dict:
   """The whole classification page (`render_page`: metrics with CIs at each operating point per study and per
   patient, recalibration, per-100 and net-benefit wording, ROC / confusion / reliability / decision-curve and
-  Grad-CAM figures); --mode=eval is run first when its result is missing or from another checkpoint."""
+  Grad-CAM figures) of ``split`` (test, or "external": `lungct.evaluate`'s external set, which the report
+  evaluates first); --mode=eval is run first when its result is missing or from another checkpoint."""
   from lungct.data import lung_ct
   config = predictor.config
   _need_binary(config, "report")
-  ev, why = load_eval(workdir, "test", predictor)
+  ev, why = load_eval(workdir, split, predictor)
   if ev is None:  # missing, or written for another checkpoint or calibration: evaluate this one
-    print(f"report: {why}; running --mode=eval on the test split for {predictor.checkpoint}.")
-    run_eval(predictor, sources, workdir, "test")
-    ev, why = load_eval(workdir, "test", predictor)
+    print(f"report: {why}; running --mode=eval on the {split} split for {predictor.checkpoint}.")
+    run_eval(predictor, sources, workdir, split)
+    ev, why = load_eval(workdir, split, predictor)
     if ev is None:
       raise RuntimeError(f"report: {why}")
   ev = _null_to_nan(ev)
   v = predictor.variables
-  test_pred = predict_split(make_apply(v.graphdef, predictor.mesh, config), v, predictor.mesh, sources["test"],
+  test_pred = predict_split(make_apply(v.graphdef, predictor.mesh, config), v, predictor.mesh, sources[split],
                             config)
   test_pred["prob"] = calibrated(test_pred["prob"], ev.get("recalibration"))
   figs = make_figures(config, workdir, ev, test_pred, out_dir)
-  figs.update(gradcam_figures(config, predictor, sources["test"], test_pred, _decision(ev)[0], out_dir))
+  figs.update(gradcam_figures(config, predictor, sources[split], test_pred, _decision(ev)[0], out_dir))
   try:
     build = lung_ct.read_build_report(lung_ct.builder_for(config.data))
   except OSError:
@@ -471,7 +473,8 @@ def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, o
   if os.path.exists(mpath):
     with open(mpath) as f:
       summary = json.load(f)
-  page, md = render_page(config, ev, figs, build, summary, {s: len(x) for s, x in sources.items()})
+  page, md = render_page(config, ev, figs, build, summary,
+                         {s: len(x) for s, x in sources.items() if s in ("train", "validation", "test")})
   return {"page": (page, md)}
 
 
@@ -639,7 +642,23 @@ def _table_md(head, rows) -> list[str]:
           + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def external_line(info: dict) -> str:
+  """An external set (eval_external.json's "external"): what it is, what its build read / kept / skipped, and
+  whether it shares patients with the training dataset."""
+  t = info["totals"]
+  reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in info.get("skip_reasons", {}).items())
+  skipped = ", ".join(html.escape(os.path.basename(s["file"])) for s in info.get("skipped", [])[:5])
+  shared = info.get("shared_patients", [])
+  return (f"<b>External test set</b>: {html.escape(info['dir'])} (labels {html.escape(info['csv'])}), prepared "
+          f"exactly as the training data: {t['read']} scans read, {t['kept']} kept, <b>{t['skipped']} skipped</b>"
+          + (f" ({reasons}: {skipped})" if t["skipped"] else "") + f"; {info['n_patients']} patients, "
+          + (f"<b>{len(shared)} of them also in the training dataset</b> (not independent)" if shared else
+             "none of them in the training dataset") + ".")
+
+
 def render_page(config, ev: dict, figs: dict[str, str], build: dict, summary: dict, sizes: dict) -> tuple[str, str]:
+  external = ev.get("external")  # eval_external.json: an external test set
+  where = "the external test set" if external else "the test split"
   names = tuple(ev.get("class_names") or class_names(config))
   ops = ev["operating_points"]
   pl = ev.get("patient_level") or {}
@@ -650,10 +669,12 @@ def render_page(config, ev: dict, figs: dict[str, str], build: dict, summary: di
   data_lines = [
       f"Source: <b>{config.data.source}</b>{' (synthetic phantoms)' if synthetic else ''}; volumes preprocessed to "
       f"{tuple(config.data.shape)} voxels (depth × height × width), HU window {tuple(config.data.hu_window)}.",
-      f"Split by patient: train {sizes.get('train', '?')}, validation {sizes.get('validation', '?')}, "
-      f"test {sizes.get('test', '?')} studies. Test set: {ev['n']} studies from {ev['n_patients']} patients, "
-      f"{ev['n_positive']} {names[1]}.",
-  ]
+      (f"External test set: {ev['n']} studies from {ev['n_patients']} patients, {ev['n_positive']} {names[1]}; "
+       f"thresholds from the internal validation split." if external else
+       f"Split by patient: train {sizes.get('train', '?')}, validation {sizes.get('validation', '?')}, "
+       f"test {sizes.get('test', '?')} studies. Test set: {ev['n']} studies from {ev['n_patients']} patients, "
+       f"{ev['n_positive']} {names[1]}."),
+  ] + ([external_line(external)] if external else [])
   if counts:
     reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in build.get("skip_reasons", {}).items())
     data_lines.append(f"Dataset build: {counts.get('read', '?')} scans read, {counts.get('kept', '?')} kept, "
@@ -713,7 +734,7 @@ img{{max-width:100%}}.warn{{background:#fff3cd;padding:8px 12px;border-left:4px 
 ({html.escape(config.data.source)} data).</p>
 <p class="warn">Research use only — not for diagnosis.{' Synthetic data.' if synthetic else ''}</p>
 <h2>Data</h2><ul>{''.join(f'<li>{l}</li>' for l in data_lines)}</ul><p>{model_line}</p>
-<h2>Results on the test split</h2>
+<h2>Results on {where}</h2>
 <p>Values are point estimates with 95% bootstrap confidence intervals (patients resampled, {config.eval.n_boot} draws).
 Each column is one operating threshold chosen on the validation split: the conventional 0.5, the threshold maximising
 sensitivity + specificity (Youden's J), and the highest thresholds reaching a target sensitivity.</p>
@@ -730,7 +751,7 @@ PPV and NPV depend on how common the finding is: in this test set {ev['n_positiv
   md = ["# lungct evaluation report", "", f"Generated {when}. Task: {names[1]} vs {names[0]}. "
         f"**Research use only — not for diagnosis.**", "", "## Data", ""] + [
         f"- {_strip(l)}" for l in data_lines] + ["", _strip(model_line), "",
-        "## Results on the test split (95% bootstrap CIs)", "", _strip(cal_line), ""]
+        f"## Results on {where} (95% bootstrap CIs)", "", _strip(cal_line), ""]
   for title, h, r in tables:
     md += [f"### {title}", ""] + _table_md(h, r) + [""]
   md += ["## What these numbers mean", ""] + [f"- {_strip(i)}" for i in interp] + ["", _strip(dca_note), "",

@@ -324,7 +324,7 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, data_dir: str | None = None,
     builder.download_and_prepare(file_format="array_record", download_config=download_config)
   elif verbose:
     print(f"lung_ct: using {builder.builder_config.name} ({builder.data_dir})")
-  for split in SPLITS:
+  for split in written_splits(builder):
     if not _index_path(builder, split).exists():
       _write_index(builder, split)
   return builder
@@ -359,6 +359,11 @@ def rebuild_reason(builder: "LungCt") -> str:
   newest = max(found, key=lambda f: f.stat().mtime)
   change = _describe_change(json.loads(newest.read_text()), cfg.files)
   return f"the data changed since {newest.parent.parent.name} was built ({change or 'its files differ'})"
+
+
+def written_splits(builder: "LungCt") -> list[str]:
+  """The splits the prepared dataset holds (all three, unless a split fraction was 0)."""
+  return [s for s in SPLITS if s in builder.info.splits]
 
 
 def read_build_report(builder: "LungCt") -> dict[str, Any]:
@@ -663,7 +668,9 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
       by_patient = split_patients(patient_labels, cfg.split_fractions, cfg.split_seed)
       assignment = {it.study_id: by_patient[it.patient_id] for it, _ in kept}
     per_split = {s: [(it, p) for it, p in kept if assignment[it.study_id] == s] for s in SPLITS}
-    empty = [s for s, v in per_split.items() if not v]
+    # A split with fraction 0 may stay empty and is not written (an external test set: (0, 0, 1)).
+    wanted = {s for s, f in zip(SPLITS, cfg.split_fractions) if f > 0 or any(it.split for it, _ in kept)}
+    empty = [s for s, v in per_split.items() if not v and s in wanted]
     if empty:
       raise DataError(f"lung_ct: {len(kept)} usable studies of {len({it.patient_id for it, _ in kept})} "
                       f"patients leave split(s) {empty} empty (data.split_fractions="
@@ -676,6 +683,7 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
             collections.Counter(it.label for it, _ in v).items())}} for s, v in per_split.items()},
         "skipped": skipped,
     }
+    per_split = {s: v for s, v in per_split.items() if v}
     if beam_args:  # TFDS writes each split with its BeamWriter.
       return {split: beam_build.read_examples([(it.study_id, p) for it, p in entries], _load_npz)
               for split, entries in per_split.items()}
