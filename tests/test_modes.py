@@ -9,7 +9,7 @@ import pytest
 from lungct import config_check, evaluate, predict, report, runtime, tasks, train
 from lungct.tasks import classify
 from lungct.data import phantom
-from tests.helpers import tiny_config
+from tests.helpers import ROOT, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +158,117 @@ def test_cross_validation_writes_summary(trained, tmp_path):
   assert s["mean"] == pytest.approx(np.nanmean(s["per_fold"]))
   assert "| auc |" in open(tmp_path / "cv_summary.md").read()
   assert os.path.exists(tmp_path / "fold_0" / "metrics.json") and os.path.exists(tmp_path / "fold_1" / "metrics.json")
+
+
+# ----------------------------------------------------------------------------- every mode x every task
+
+MATRIX_MODES = ("eval", "predict", "report", "cv")
+
+
+@pytest.fixture(scope="module", params=sorted(tasks.TASKS))
+def task_run(request, tmp_path_factory):
+  """Each task of tasks.TASKS trained for 4 steps on its reference config's :tiny variant."""
+  task = tasks.TASKS[request.param]
+  c = config_check.load_config_file(f"{ROOT}/{task.CONFIG}:tiny")
+  config_check.apply_overrides(c, {
+      "data.data_dir": str(tmp_path_factory.mktemp("tfds")), "loader.num_threads": 1, "train.batch_size": 4,
+      "train.num_epochs": 0, "train.num_steps": 4, "train.eval_every_steps": 2, "train.log_every_steps": 2,
+      "train.progress_bar": False, "train.precise_bn_batches": 0, "eval.n_boot": 20})
+  workdir = str(tmp_path_factory.mktemp(f"run_{task.NAME}"))
+  summary = train.train_and_evaluate(c, workdir)
+  assert summary["task"] == task.NAME and summary["steps"] == 4
+  return task, c, workdir
+
+
+def _scans(tmp_path) -> tuple[str, list[str]]:
+  """Two scans in another orientation than RAS (LPS, like DICOM-derived files) and one broken file."""
+  import nibabel as nib
+  ph = phantom.make_phantom(2, 2, shape_xyz=(40, 36, 24))
+  paths = []
+  for name in ("a.nii.gz", "b.nii.gz"):
+    path = str(tmp_path / "scans" / name)
+    phantom.write_phantom_nifti(ph, path)
+    img = nib.load(path)
+    lps = img.as_reoriented([[0, -1], [1, -1], [2, 1]])   # x and y flipped: RAS -> LPS
+    nib.save(nib.Nifti1Image(np.asarray(lps.dataobj), lps.affine), path)
+    paths.append(path)
+  (tmp_path / "scans" / "broken.nii.gz").write_bytes(b"not a nifti file")
+  return str(tmp_path / "scans"), paths
+
+
+def test_every_mode_of_every_task(task_run, tmp_path):
+  """Each supported (mode, task) pair writes its files from the checkpoint; each other pair fails at start with
+  one line and does no work."""
+  import nibabel as nib
+  from lungct import main
+  task, c, workdir = task_run
+  for mode in MATRIX_MODES:
+    if mode not in task.MODES:
+      with pytest.raises(tasks.TaskError, match=f"--mode={mode} is not supported by config.task='{task.NAME}'"):
+        main.run(c, str(tmp_path / mode), mode)
+      assert not os.path.exists(tmp_path / mode)
+      continue
+    c2 = c.copy_and_resolve_references()
+    if mode == "eval":
+      main.run(c2, workdir, "eval", split="test")
+      saved = json.load(open(os.path.join(workdir, "eval_test.json")))
+      assert saved["checkpoint_step"] in (2, 4)
+      if task.NAME == "attributes":
+        assert set(saved["targets"]) == set(c.data.targets)
+        m = saved["targets"]["diameter_mm"]["mae"]
+        assert m["value"] > 0 and m["lo"] <= m["value"] <= m["hi"]
+        assert "kappa" in saved["targets"]["malignancy"] and "kappa" not in saved["targets"]["diameter_mm"]
+    elif mode == "predict":
+      root, paths = _scans(tmp_path)
+      c2.predict.input = root
+      from lungct.data import preprocess
+      if preprocess.needs_lesion(c.data):   # a model trained on lesion-centred crops gets each scan's lesion
+        (tmp_path / "lesions.csv").write_text("filename,x,y,z\na.nii.gz,20,18,12\nb.nii.gz,20,18,12\n")
+        c2.predict.lesions = str(tmp_path / "lesions.csv")
+      rows = main.run(c2, workdir, "predict")
+      assert [bool(r["error"]) for r in rows] == [False, False, True]
+      same = lambda r: {k: v for k, v in r.items() if k not in ("file", "mask_file")}  # noqa: E731
+      assert same(rows[0]) == same(rows[1])          # the same scan twice: the same prediction
+      if task.NAME == "segment":   # the mask on the input's own grid, the volume in ml from it
+        img, mask = nib.load(paths[0]), nib.load(rows[0]["mask_file"])
+        assert mask.shape == img.shape and np.allclose(mask.affine, img.affine)
+        ml = float(np.count_nonzero(np.asarray(mask.dataobj))) * float(np.prod(img.header.get_zooms())) / 1000
+        assert float(rows[0]["lesion_ml"]) == pytest.approx(ml, abs=1e-3)
+      if task.NAME == "attributes":
+        assert float(rows[0]["diameter_mm"]) > 0 and 1 <= int(rows[0]["malignancy_rating"]) <= 5
+      header = next(csv.reader(open(os.path.join(workdir, "predictions.csv"))))
+      assert header[0] == "file" and header[-1] == "error" and len(header) > 2
+    elif mode == "report":
+      main.run(c2, workdir, "report")
+      page = open(os.path.join(workdir, "report.html")).read()
+      assert "<table>" in page and "data:image/png;base64," in page
+      if task.NAME == "attributes":
+        assert "diameter_mm" in page and "weighted kappa" in page
+        assert os.path.getsize(os.path.join(workdir, "report", "predicted_vs_reference.png")) > 1000
+    elif mode == "cv":
+      c2.cv.folds, c2.train.num_steps, c2.train.eval_every_steps = 2, 1, 1
+      out = main.run(c2, str(tmp_path / "cv"), "cv")
+      assert len(out["per_fold"]) == 2 and task.BEST_METRIC in out["summary"]
+
+
+def test_attributes_backbone_transfers_to_malignancy(task_run, tmp_path):
+  """configs/nodule.py --config.init_from=<attributes workdir>: every backbone array loaded, the head fresh."""
+  task, c, workdir = task_run
+  if task.NAME != "attributes":
+    pytest.skip("the attributes -> malignancy recipe (runs once, on the attributes checkpoint)")
+  from lungct import checkpoint
+  m = config_check.load_config_file(f"{ROOT}/configs/nodule.py")
+  config_check.apply_overrides(m, {"data.data_dir": str(tmp_path), "data.shape": tuple(c.data.shape),
+                                   "model.width": c.model.width, "init_from": workdir})
+  _, state, _ = train.create_state(m, total_steps=1)
+  params, _, report = checkpoint.restore_params(m.init_from, state["params"], state["batch_stats"])
+  skipped = sorted(report["skipped"])
+  assert skipped and all(k.startswith("params/head/") for k in skipped), skipped   # only the head is fresh
+  assert any(k.startswith("params/blocks/") or k.startswith("params/stem") for k in report["loaded"])
+  fresh = checkpoint.flatten(state["params"])
+  got = checkpoint.flatten(params)
+  saved = checkpoint.flatten(checkpoint.restore_variables(*checkpoint.find_checkpoint(workdir))[0])
+  loaded = [k[len("params/"):] for k in report["loaded"] if k.startswith("params/")]
+  assert all(np.array_equal(np.asarray(got[k]), np.asarray(saved[k])) for k in loaded)
+  head = [k for k in fresh if k.startswith("head/")]
+  assert all(np.array_equal(np.asarray(got[k]), np.asarray(fresh[k])) for k in head)

@@ -279,3 +279,31 @@ def test_model_input_equals_the_stored_values():
   # Every value survives the trip through the stored dtype (float16) unchanged.
   np.testing.assert_array_equal(x.astype(np.float16).astype(np.float32), x)
   assert len(np.unique(x)) > 10
+
+
+def test_to_scan_grid_inverts_the_geometry_of_a_mask():
+  """A mask taken to the model's grid and back lands on the scan's own grid where it was: exactly when the
+  geometry only crops / pads, closely after resampling to other millimetres or resizing."""
+  import ml_collections
+  from lungct.data import preprocess as pp
+  zz, yy, xx = np.meshgrid(np.arange(12), np.arange(40), np.arange(36), indexing="ij")
+  spacing = (2.5, 0.7, 0.7)                                   # (z, y, x) mm, an anisotropic crop
+  sphere = (((zz - 6) * 2.5) ** 2 + ((yy - 21) * 0.7) ** 2 + ((xx - 17) * 0.7) ** 2 <= 8.0 ** 2).astype(np.uint8)
+  cases = [({"shape": (16, 48, 48), "target_spacing": (), "fit": "crop_or_pad"}, 1.0),       # pad only: exact
+           ({"shape": (32, 32, 32), "target_spacing": (1.0,), "fit": "crop_or_pad"}, 0.9),   # the nodule recipe
+           ({"shape": (16, 32, 32), "target_spacing": (), "fit": "resize"}, 0.9)]
+  for fields, min_dice in cases:
+    cfg = ml_collections.ConfigDict({"hu_window": (-1000.0, 400.0), "crop_center": "center", **fields})
+    model = pp.preprocess_mask(sphere, spacing, cfg)
+    back = pp.to_scan_grid(model, sphere.shape, spacing, cfg)
+    assert back.shape == sphere.shape and back.dtype == np.uint8
+    dice = 2 * np.sum(back & sphere) / (back.sum() + sphere.sum())
+    assert dice >= min_dice, (fields, dice)
+    if min_dice == 1.0:
+      np.testing.assert_array_equal(back, sphere)
+  # A crop smaller than the scan: what lies outside the model's window comes back empty, the rest in place.
+  cfg = ml_collections.ConfigDict({"hu_window": (-1000.0, 400.0), "crop_center": "center", "shape": (12, 20, 20),
+                                   "target_spacing": (), "fit": "crop_or_pad"})
+  full = np.ones_like(sphere)
+  back = pp.to_scan_grid(pp.preprocess_mask(full, spacing, cfg), full.shape, spacing, cfg)
+  assert back.sum() == 12 * 20 * 20 and back[:, 10:30, 8:28].all()

@@ -152,7 +152,7 @@ def test_short_training_run(seg_run):
   assert all(os.path.exists(p) for p in result["overlays"])
 
 
-@pytest.mark.parametrize("mode", ["predict", "report"])
+@pytest.mark.parametrize("mode", ["report"])
 def test_unsupported_modes_fail_at_start_with_one_line(mode, tmp_path):
   c = seg_config(tmp_path / "tfds")
   with pytest.raises(tasks.TaskError, match=f"--mode={mode} is not supported by config.task='segment'"):

@@ -186,3 +186,23 @@ def save_scan(volume_xyz: np.ndarray, spacing: Sequence[float], path: str | os.P
     os.makedirs(parent, exist_ok=True)
   nib.save(img, path)
   return path
+
+
+def save_mask_like(mask_xyz: np.ndarray, scan: Scan, path: str | os.PathLike) -> str:
+  """Writes a uint8 mask on ``scan``'s canonical (x, y, z) grid as NIfTI in the orientation of the file the scan
+  was read from (same shape and affine as that file), so it overlays the original scan in any viewer."""
+  path = os.fspath(path)
+  img = nib.Nifti1Image(np.asarray(mask_xyz).astype(np.uint8), np.asarray(scan.affine, np.float64))
+  try:
+    original = nib.load(scan.path)
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(scan.affine),
+                                           nib.orientations.io_orientation(original.affine))
+    img = img.as_reoriented(ornt)
+  except (OSError, nib.filebasedimages.ImageFileError):
+    pass  # no file behind the scan (generated): keep the canonical grid
+  parent = os.path.dirname(path)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  img.set_data_dtype(np.uint8)
+  nib.save(img, path)
+  return path

@@ -384,6 +384,35 @@ def preprocess_scan(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None
               orig_shape=np.asarray(vol.shape, dtype=np.int32))
 
 
+def to_scan_grid(mask_dhw: np.ndarray, scan_shape_dhw: Sequence[int], spacing_dhw: Sequence[float],
+                 data_cfg: Any) -> np.ndarray:
+  """The inverse geometry of `preprocess_arrays` for a label mask without a crop mask (what predict sees): a
+  mask on the model's grid (data.shape) -> uint8 on the scan's own (D, H, W) grid, nearest neighbour.
+
+  Undoes data.fit (crop_or_pad: the centred window put back, voxels outside it 0; resize: resized back to the
+  resampled shape) and then data.target_spacing (each scan voxel takes the resampled voxel nearest its centre,
+  the inverse of `resample_to_spacing`'s centred grids).
+  """
+  mask = np.asarray(mask_dhw).astype(np.uint8, copy=False)
+  n = np.asarray(scan_shape_dhw, dtype=np.int64)
+  spacing = np.asarray(spacing_dhw, dtype=np.float64)
+  target = target_spacing(data_cfg)
+  m = n if not target else np.maximum(1, np.rint(n * spacing / np.asarray(target, np.float64))).astype(np.int64)
+  shape = tuple(int(x) for x in data_cfg.shape)
+  if _fit(data_cfg) == "resize":
+    mid = resize(mask, tuple(int(x) for x in m), order=0)
+  else:
+    starts = crop_starts(tuple(int(x) for x in m), shape, None)
+    mid = crop_or_pad(mask, tuple(int(x) for x in m), [-s for s in starts], 0)
+  if not target or (tuple(m) == tuple(n) and np.allclose(spacing, target)):
+    return mid.astype(np.uint8, copy=False)
+  step = np.asarray(target, np.float64) / spacing     # scan voxels per resampled voxel
+  offset = (n - 1) / 2.0 - (m - 1) / 2.0 * step
+  idx = [np.clip(np.floor((np.arange(n[a]) - offset[a]) / step[a] + 0.5), 0, m[a] - 1).astype(np.intp)
+         for a in range(3)]
+  return mid[np.ix_(*idx)].astype(np.uint8, copy=False)
+
+
 def needs_lesion(data_cfg: Any) -> bool:
   """Whether a scan is prepared around its lesion (fit="crop_or_pad", crop_center="mask"): then a model
   input needs the lesion's mask or centre, as the training examples had."""

@@ -26,7 +26,7 @@ from lungct.data import augment as augment_lib
 from lungct.data.sources import safe_name
 
 NAME = "segment"
-MODES = ("train", "eval", "cv")
+MODES = ("train", "eval", "cv", "predict")
 BEST_METRIC = "dice"
 HEADLINE_METRICS = ("iou", "hd95")
 CONFIG = "configs/unet_seg.py"   # its reference config (with a seconds-long `:tiny` variant)
@@ -184,3 +184,44 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
           f"lesion cases; mean false-positive volume {s['fp_ml_lesion_free']:.2f} ml on "
           f"{s['num_lesion_free_cases']} lesion-free cases. Wrote {path} and {len(out['kept'])} overlays to {out_dir}")
   return result
+
+
+# ----------------------------------------------------------------------------- --mode=predict
+
+def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
+  """Per scan: the lesion mask as NIfTI on the scan's own grid (``<name>_mask.nii.gz`` in ``out_dir``, same shape
+  and affine as the input file) and the lesion volume in ml (scan grid; model grid alongside)."""
+  from lungct.data import nifti, preprocess
+  config = predictor.config
+  if preprocess.needs_lesion(config.data):
+    from lungct import config_check
+    raise config_check.ConfigError(
+        "config.data.crop_center='mask': this model was trained on crops centred on the lesion mask, so its input "
+        "needs the very lesion it should find; segmentation predict covers models whose crop does not depend on "
+        "the lesion (data.crop_center='center' or data.fit='resize')")
+  sc = config.segment
+  v = predictor.variables
+  apply = make_apply(v.graphdef, predictor.mesh, config)
+  roi = tuple(sc.roi) if sc.roi else tuple(sc.patch)
+  predict_fn = lambda x: runtime.fetch(apply(v.params, v.batch_stats, x))  # noqa: E731
+  voxel_model_ml = None
+
+  def predict_one(scan, image: np.ndarray, name: str) -> dict:
+    nonlocal voxel_model_ml
+    prob = inferers.sliding_window_inference(predict_fn, image, roi, sc.overlap, sc.mode,
+                                             sw_batch_size=sc.sw_batch_size)[0, ..., 0]
+    pred = prob > sc.threshold
+    spacing_dhw = np.asarray(scan.spacing, np.float64)[::-1]
+    shape_dhw = scan.volume.shape[::-1]
+    on_scan = preprocess.to_scan_grid(pred, shape_dhw, spacing_dhw, config.data)
+    target = preprocess.target_spacing(config.data)
+    model_spacing = np.asarray(target, np.float64) if target else spacing_dhw
+    row = {"lesion_ml": f"{float(on_scan.sum()) * float(np.prod(spacing_dhw)) / 1000.0:.4f}",
+           "lesion_ml_model_grid": f"{float(pred.sum()) * float(np.prod(model_spacing)) / 1000.0:.4f}"}
+    if runtime.is_main_process():
+      path = nifti.save_mask_like(np.transpose(on_scan, (2, 1, 0)), scan,
+                                  os.path.join(out_dir, f"{name}_mask.nii.gz"))
+      row["mask_file"] = path
+      print(f"{scan.path}: lesion {row['lesion_ml']} ml   mask: {path}")
+    return row
+  return predict_one
