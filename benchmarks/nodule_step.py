@@ -1,8 +1,8 @@
 """The nodule recipe (configs/nodule.py) against PyTorch and MONAI: its train step, then a whole run on real crops.
 
-    python benchmarks/nodule_step.py                      # both parts, one table each (~5 min on 2 idle cores)
+    python benchmarks/nodule_step.py                      # both parts, 3-epoch runs (26 min on the loaded 2 cores)
     python benchmarks/nodule_step.py --part step --steps 20
-    python benchmarks/nodule_step.py --part run --epochs 12 --json out.json
+    python benchmarks/nodule_step.py --part run --epochs 12 --json out.json   # the recipe's whole 12-epoch run
 
 Part 1, the train step (batch 16 of 32^3 crops, augmentation on, steps of the sides alternating A B C A B C so a
 busy machine slows all alike; median step time):
@@ -349,7 +349,7 @@ def main(argv=None) -> dict[str, Any]:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--lungct", default="", help="conv_impl of the lungct side(s), comma-separated "
                  "(default: configs/nodule.py's); e.g. onednn,xla")
-  p.add_argument("--epochs", type=int, default=12, help="epochs of each whole run")
+  p.add_argument("--epochs", type=int, default=3, help="epochs of each whole run (configs/nodule.py: 12)")
   p.add_argument("--repeats", type=int, default=1, help="whole runs per side (alternating)")
   p.add_argument("--monai-workers", type=int, default=0, help="DataLoader workers of the monai run")
   p.add_argument("--workdir", default="", help="keep the runs' files here (default: a temporary folder)")
