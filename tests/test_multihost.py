@@ -128,8 +128,20 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs):
   l2 = np.array([r["train/loss"] for r in two])
   l1 = np.array([r["train/loss"] for r in one])
   print("per-step loss, 2 processes:", l2, "\n1 process:", l1, "\nmax |diff|", np.abs(l2 - l1).max())
-  # measured max |diff|: 6e-8 to 1.6e-6 over runs (summation order, amplified by the steps before)
-  np.testing.assert_allclose(l2, l1, rtol=2e-5, atol=1e-6)
+  # The bound comes from what the test must catch, not from one machine's drift. Both runs differ only in float32
+  # summation order. Step 1 starts from equal parameters on the same batch, so only the reductions of its loss and
+  # BN statistics differ: a few roundings of u = 2^-24 each, bounded by 64 u of the loss (condition numbers of BN
+  # and the sigmoid included). Later steps carry that noise through the updates, and how much training amplifies it
+  # depends on the CPU's kernels (max |diff| after 6 steps: 1.6e-6 on an Intel AVX-512 machine, 1.3e-4 on an AMD
+  # AVX2-only one). A real defect moves the loss by the size of a step's own effect: a process training on the
+  # wrong half of the batch changes that step's loss by the batch-to-batch spread, a lost gradient share halves an
+  # update. Both are of the order of the reference's step-to-step loss change (here ~4e-2), so 5% of its median
+  # still catches them while leaving room for amplified rounding on any CPU.
+  u = float(np.finfo(np.float32).eps) / 2
+  assert abs(l2[0] - l1[0]) <= 64 * u * abs(l1[0]), (l2[0], l1[0])
+  bound = 0.05 * float(np.median(np.abs(np.diff(l1))))
+  print(f"steps 2..{STEPS}: max |diff| {np.abs(l2 - l1)[1:].max():.2e} <= bound {bound:.2e}")
+  assert np.abs(l2 - l1)[1:].max() <= bound, (l2, l1, bound)
   from lungct import checkpoint
   p2, s2, _ = checkpoint.restore_variables(os.path.join(runs["two"], checkpoint.LATEST_DIR), STEPS)
   p1, s1, _ = checkpoint.restore_variables(os.path.join(runs["ref"], checkpoint.LATEST_DIR), STEPS)

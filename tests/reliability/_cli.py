@@ -40,13 +40,18 @@ def popen(task: str, workdir, data_dir, *extra: str) -> subprocess.Popen:
                           stderr=subprocess.STDOUT, text=True)
 
 
+def config(task: str):
+  """The task's tiny config, as the command line loads it."""
+  from lungct import config_check
+  return config_check.load_config_file(os.path.join(ROOT, TASKS[task]))
+
+
 def build_dataset(task: str, data_dir) -> None:
   """Builds the task's tiny dataset once (the config exactly as the command line gives it), so subprocesses only
   read it."""
   from lungct import config_check
   from lungct.data import lung_ct
-  c = config_check.load_config_file(os.path.join(ROOT, TASKS[task]))
-  lung_ct.prepare(config_check.apply_overrides(c, {"data.data_dir": str(data_dir)}).data)
+  lung_ct.prepare(config_check.apply_overrides(config(task), {"data.data_dir": str(data_dir)}).data)
 
 
 def params(workdir, step: int | None = None) -> tuple[int, list]:

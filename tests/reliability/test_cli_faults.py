@@ -11,6 +11,9 @@ import pytest
 from tests.reliability import _cli
 
 SHORT = ("--config.train.num_epochs=0", "--config.train.num_steps=8", "--config.train.checkpoint_every_steps=1")
+# A constant schedule whatever the task's own (warmup_cosine starts at learning rate 0, so its first update would
+# come a step later): the NaN run's first update uses learning_rate=1e30.
+CONSTANT = (*SHORT, "--config.train.schedule=constant")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def nan_run(request, tmp_path_factory):
   d = tmp_path_factory.mktemp(f"tfds_{task}")
   _cli.build_dataset(task, d)
   w = tmp_path_factory.mktemp(f"nan_{task}")
-  return task, d, w, _cli.run(task, w, d, *SHORT, "--config.train.learning_rate=1e30")
+  return task, d, w, _cli.run(task, w, d, *CONSTANT, "--config.train.learning_rate=1e30")
 
 
 def test_nan_loss_stops_naming_step_and_last_good_checkpoint(nan_run):
@@ -42,11 +45,11 @@ def test_nan_loss_stops_naming_step_and_last_good_checkpoint(nan_run):
 
 def test_workdir_of_another_config_is_refused(nan_run, tmp_path):
   task, data_dir, w, _ = nan_run
-  default_lr = {"classify": "0.001", "segment": "0.001"}[task]
-  r = _cli.run(task, w, data_dir, *SHORT)  # default learning rate: a different experiment
+  default_lr = _cli.config(task).train.learning_rate
+  r = _cli.run(task, w, data_dir, *CONSTANT)  # the task's own learning rate: a different experiment
   assert r.returncode == 1
   assert "error: " in r.stderr and "Traceback" not in r.stderr and f"holds a run with a different config (train.learning_rate: 1e+30 -> {default_lr})" in r.stderr
-  r = _cli.run(task, w, data_dir, *SHORT, "--config.resume=false")
+  r = _cli.run(task, w, data_dir, *CONSTANT, "--config.resume=false")
   assert r.returncode == 1
   assert f"error: {w} already holds checkpoints and config.resume=False: use a new --workdir." in r.stderr
   assert sorted(os.listdir(w / "checkpoints")) == ["1"]  # untouched
