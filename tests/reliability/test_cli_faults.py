@@ -82,5 +82,5 @@ def test_mode_a_task_does_not_support_fails_at_start(data_dir, tmp_path):
   r = _cli.run("segment", tmp_path / "w", data_dir, "--mode=report", timeout=60)
   assert r.returncode == 1 and "Traceback" not in r.stderr
   assert r.stderr.strip().splitlines()[-1] == ("error: --mode=report is not supported by config.task='segment' "
-                                               "(it supports: train, eval, cv)")
+                                               "(it supports: train, eval, cv, predict)")
   assert not (tmp_path / "w").exists()
