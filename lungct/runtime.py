@@ -214,7 +214,8 @@ def inference_config(current: ml_collections.ConfigDict, saved: dict, explicit: 
                      group: str = "", execution_keys: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """``current`` with every experiment-defining key (task, model, data, dtype, and the task's config ``group``)
   taken from the checkpoint's ``saved`` config; execution keys (paths, loader, eval, predict, mesh..., and the
-  task's ``execution_keys``) stay current.
+  task's ``execution_keys``) stay current. Where the data live (``data.manual_dir``, ``data.labels_csv``) stays
+  current when given, else comes from the checkpoint: ``--mode=eval`` needs no ``--config.data.manual_dir``.
 
   A key given explicitly on the command line (``explicit``, dotted, without "config.") that conflicts with
   the checkpoint is a ConfigError: the model cannot see data prepared differently from what it learned on.
@@ -224,9 +225,10 @@ def inference_config(current: ml_collections.ConfigDict, saved: dict, explicit: 
   flat_now = config_check.flat(current.to_dict())
   prefixes = config_check.INFERENCE_FROM_CHECKPOINT + ((group + ".",) if group else ())
   for key, value in flat_saved.items():
-    if (not key.startswith(prefixes) or config_check.is_execution_key(key, execution_keys)
-        or config_check.is_data_location_key(key)):
+    if not key.startswith(prefixes) or config_check.is_execution_key(key, execution_keys):
       continue
+    if config_check.is_data_location_key(key) and (key in explicit or flat_now.get(key)):
+      continue  # the files named now (the dataset's identity says whether they are the checkpoint's data)
     if key in explicit and config_check.norm(flat_now.get(key)) != config_check.norm(value):
       raise config_check.ConfigError(
           f"--config.{key}={flat_now.get(key)!r} conflicts with the checkpoint, trained with {key}={value!r}; "

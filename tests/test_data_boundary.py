@@ -332,3 +332,19 @@ def test_4_resuming_on_edited_data_is_refused_end_to_end(tmp_path):
   with pytest.raises(config_check.ConfigError, match=rf"was trained on dataset {first} from {root} \+ labels.csv, "
                                                      r"but the data now gives folder-\S+ from"):
     train.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_inference_takes_the_data_location_from_the_checkpoint_unless_given():
+  """--mode=eval/report/predict with the recipe's config and no --config.data.manual_dir find the checkpoint's
+  folder; a folder named on the command line (or in the config) stays, and its dataset identity decides."""
+  import ml_collections
+  from lungct import runtime
+  saved = {"task": "classify", "data": {"source": "folder", "manual_dir": "/data/site1", "labels_csv": "labels.csv",
+                                        "shape": [32, 32, 32]}}
+  now = ml_collections.ConfigDict({"task": "classify", "data": {"source": "folder", "manual_dir": "",
+                                                                 "labels_csv": "labels.csv", "shape": (8, 8, 8)}})
+  c = runtime.inference_config(now, saved)
+  assert c.data.manual_dir == "/data/site1" and c.data.shape == (32, 32, 32)
+  now.data.manual_dir = "/data/site2"
+  c = runtime.inference_config(now, saved, explicit=("data.manual_dir",))
+  assert c.data.manual_dir == "/data/site2"
