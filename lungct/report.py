@@ -9,7 +9,6 @@ Figures are PNG files in <workdir>/report/ and embedded in report.html.
 """
 from __future__ import annotations
 
-import base64
 import datetime
 import html
 import inspect
@@ -31,11 +30,6 @@ LIMITATIONS_COMMON = [
     "patient's history, symptoms or prior imaging.",
     "This is a research tool. It is <b>not a medical device and not for diagnosis</b>.",
 ]
-
-
-def _img(path: str) -> str:
-  with open(path, "rb") as f:
-    return "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
 
 def curve_keys(task) -> tuple[str, ...]:
@@ -125,8 +119,7 @@ def render(config, task, part: dict, figs: dict[str, str], build: dict, summary:
       part.get("limitations", ())) + LIMITATIONS_COMMON[2:]
   sections_html = "".join(f"<h2>{html.escape(h)}</h2>" + "".join(_block_html(b) for b in blocks)
                           for h, blocks in part["sections"])
-  fig_html = "".join(f"<figure><img src='{_img(p)}' alt='{html.escape(t)}'><figcaption>{html.escape(t)}</figcaption>"
-                     f"</figure>" for t, p in figs.items())
+  fig_html = viz.figures_html(figs)
   page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lungct report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.45}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}

@@ -16,6 +16,8 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import base64
+import html
 import json
 import math
 import os
@@ -494,6 +496,15 @@ def decision_curve(thresholds: Sequence[float], model: Sequence[float], treat_al
   ax.legend(loc="upper right", fontsize=8)
   ax.set_title(title or "Decision curve")
   return fig
+
+
+def figures_html(figs: Mapping[str, str]) -> str:
+  """``{caption: png path}`` as self-contained HTML figures (each PNG embedded as a data URI), for the reports."""
+  def uri(path: str) -> str:
+    with open(path, "rb") as f:
+      return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+  return "".join(f"<figure><img src='{uri(p)}' alt='{html.escape(t)}'><figcaption>{html.escape(t)}</figcaption>"
+                 f"</figure>" for t, p in figs.items())
 
 
 def reliability_diagram(bin_confidence: np.ndarray, bin_accuracy: np.ndarray,

@@ -5,7 +5,6 @@ adds bootstrap confidence intervals at operating thresholds chosen on validation
 """
 from __future__ import annotations
 
-import base64
 import csv
 import datetime
 import html
@@ -493,11 +492,6 @@ LIMITATIONS_COMMON = [
 ]
 
 
-def _img(path: str) -> str:
-  with open(path, "rb") as f:
-    return "data:image/png;base64," + base64.b64encode(f.read()).decode()
-
-
 def _fmt(m: dict) -> str:
   return f"{m['value']:.3f} ({m['lo']:.3f}–{m['hi']:.3f})" if np.isfinite(m["value"]) else "n/a"
 
@@ -722,8 +716,7 @@ def render_page(config, ev: dict, figs: dict[str, str], build: dict, summary: di
               "true positives); it reads a threshold as a risk, which is only fair when the probabilities are "
               "calibrated (see above).")
   limitations = ([LIMITATIONS_SYNTHETIC] if synthetic else []) + LIMITATIONS_COMMON
-  fig_html = "".join(f"<figure><img src='{_img(p)}' alt='{html.escape(t)}'><figcaption>{html.escape(t)}</figcaption>"
-                     f"</figure>" for t, p in figs.items())
+  fig_html = viz.figures_html(figs)
   tables_html = "".join(f"<h3>{html.escape(title)}</h3>{_table_html(h, r)}" for title, h, r in tables)
   page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lungct report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.45}}
