@@ -74,13 +74,15 @@ def external_sources(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
   return {**internal, EXTERNAL: builder.as_data_source("test")}, info
 
 
-def evaluate_external(predictor: runtime.Predictor, workdir: str) -> dict:
+def evaluate_external(predictor: runtime.Predictor, workdir: str, prepared: tuple[dict, dict] | None = None
+                      ) -> dict:
   """The external set as one test set, through the task's own `run_eval`: thresholds (and anything else the task
   fits on validation) from the internal validation split, every kept external study scored; eval_external.json
-  (with the external build summary under "external") and the task's per-case files (predictions_external.csv)."""
+  (with the external build summary under "external") and the task's per-case files (predictions_external.csv).
+  ``prepared``: `external_sources`' result when the caller has it already."""
   from lungct.data import lung_ct
   task = tasks.get(predictor.config)
-  sources, info = external_sources(predictor.config)
+  sources, info = prepared or external_sources(predictor.config)
   if runtime.is_main_process():
     print("\n".join("external set: " + line for line in lung_ct.summary_lines(
         {"config": info["dataset"], "totals": info["totals"], "skip_reasons": info["skip_reasons"],
@@ -317,11 +319,8 @@ def pool_out_of_fold(task, oof: list, config, workdir: str) -> dict:
     g = np.array([r["patient_id"] for r in rows])
     out = {"level": "study", "n": len(rows), "n_patients": int(len(set(g.tolist())))}
     for name in names:
-      vals = np.array([np.nan if r.get(name) is None else float(r[name]) for r in rows])
-      ci = metrics.bootstrap_ci(np.zeros(len(vals)), vals, lambda _, v: float(np.nanmean(v))
-                                if np.any(np.isfinite(v)) else float("nan"), groups=g, n_boot=n_boot, seed=seed)
-      out[name] = {"value": ci.point, "lo": ci.lo, "hi": ci.hi, "n_used": ci.n_used,
-                   "n_cases": int(np.sum(np.isfinite(vals)))}
+      vals = [np.nan if r.get(name) is None else float(r[name]) for r in rows]
+      out[name] = metrics.mean_with_ci(vals, g, n_boot=n_boot, seed=seed)
     if runtime.is_main_process():
       keys = list(rows[0])
       with open(os.path.join(workdir, "oof_cases.csv"), "w", newline="") as f:

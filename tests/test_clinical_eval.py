@@ -148,7 +148,8 @@ def test_report_names_the_classes_and_reads_each_operating_point_on_the_decision
   ev.update(class_names=["benign", "malignant"], checkpoint="/run/best/8", checkpoint_step=8,
             checkpoint_fingerprint="f" * 16)
   ev = classify._null_to_nan(json.loads(json.dumps(metrics.json_safe(ev))))
-  page, md = classify.render_page(c, ev, {}, {}, {}, {})
+  page, md = report.render(c, classify, {**classify.report_part(c, ev), "figures": {}}, {}, {}, {}, {},
+                           {"checkpoint": "/run/best/8", "step": 8, "fingerprint": "f" * 16})
   assert "Task: malignant vs benign" in page and "abnormal" not in page
   assert "Of 100 <b>malignant</b> studies" in page and "Of 100 <b>malignant</b> patients" in page
   assert "Per patient: 40 patients" in md and "thresholds chosen on per-patient validation scores" in md
