@@ -168,12 +168,13 @@ def operating_point_table(y_val, p_val, y, p, groups, *, level: str, n_boot: int
   return table
 
 
-def recalibrate(val: dict, test: dict, method: str) -> tuple[dict, dict, dict]:
+def recalibrate(val: dict, test: dict, method: str, key: str = "label") -> tuple[dict, dict, dict]:
   """(val, test, record): with method "temperature", a temperature fitted on the validation probabilities
-  (through their logits) applied to both splits; ``prob_uncalibrated`` keeps the model's own output."""
+  (through their logits; (N,) P(class 1) against ``key`` "label", or (N, K) class probabilities against
+  "grade") applied to both splits; ``prob_uncalibrated`` keeps the model's own output."""
   if method == "none":
     return val, test, {"method": "none"}
-  temperature = metrics.fit_temperature(val["label"], metrics.logits_of(val["prob"]))
+  temperature = metrics.fit_temperature(val[key], metrics.logits_of(val["prob"]))
   if not np.isfinite(temperature):
     return val, test, {"method": method, "temperature": None,
                        "undefined": "the validation split holds one class: no temperature to fit; "
@@ -195,6 +196,29 @@ def _calibration(y, p, groups, n_boot, seed) -> dict:
   bins = {k: np.asarray(v).tolist() for k, v in metrics.calibration_bins(y, p).items()}
   ci = metrics.bootstrap_ci(y, p, metrics.expected_calibration_error, groups=groups, n_boot=n_boot, seed=seed)
   return {**bins, "ece": {"value": ci.point, "lo": ci.lo, "hi": ci.hi, "n_used": ci.n_used}}
+
+
+def top_label(pred: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(correct, confidence) of a K-class prediction: whether the argmax is the grade, and its probability."""
+  prob = np.asarray(pred["prob"], dtype=np.float64)
+  return (np.argmax(prob, axis=1) == np.asarray(pred["grade"])).astype(int), prob.max(axis=1)
+
+
+def multiclass_result(val: dict, test: dict, *, calibration: str = "none", n_boot: int = 1000,
+                      seed: int = 0) -> tuple[dict, dict]:
+  """(result, test) of a K-class evaluation: `metrics.multiclass_metrics` of ``test``; with calibration
+  "temperature", one temperature fitted on ``val`` (softmax(log p / T)) applied to ``test``, which leaves the
+  argmax and the AUCs unchanged, and the top-label calibration (confidence = the highest probability against
+  the accuracy of the argmax: ECE with a patient-bootstrap CI and its bins) before and after."""
+  raw = test
+  val, test, record = recalibrate(val, test, calibration, key="grade")
+  if record.get("temperature") is not None:
+    groups = test["patient_id"]
+    record["kind"] = "top-label (confidence = highest class probability, accuracy of the argmax)"
+    record["before"] = _calibration(*top_label(raw), groups, n_boot, seed)
+    record["after"] = _calibration(*top_label(test), groups, n_boot, seed)
+  return {"n": int(len(test["grade"])), "metrics": metrics.multiclass_metrics(test["grade"], test["prob"]),
+          "recalibration": record}, test
 
 
 def with_confidence(val: dict, test: dict, *, n_boot: int = 1000, seed: int = 0,
@@ -293,7 +317,8 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
       test = {**test, "prob_uncalibrated": test["prob"], "prob": calibrated(test["prob"], result["recalibration"])}
     threshold, rule = decision_threshold(result)
   else:
-    result = {"n": int(len(test["grade"])), "metrics": metrics.multiclass_metrics(test["grade"], test["prob"])}
+    result, test = multiclass_result(val, test, calibration=config.eval.get("calibration", "none"),
+                                     n_boot=config.eval.n_boot, seed=config.seed)
     threshold, rule = 0.5, "argmax"
   result.update(split=split, checkpoint=predictor.checkpoint, checkpoint_step=predictor.step,
                 checkpoint_fingerprint=runtime.fingerprint(predictor), decision_rule=rule)
@@ -303,6 +328,10 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
     write_predictions(os.path.join(workdir, f"predictions_{split}.csv"), test, threshold)
     if config.data.label == "binary":
       print(_summary_line(split, result))
+    elif result["recalibration"].get("temperature") is not None:
+      rec = result["recalibration"]
+      print(f"{split}: temperature {rec['temperature']:.3f} fitted on validation: top-label ECE "
+            f"{_ci(rec['before']['ece'])} -> {_ci(rec['after']['ece'])}")
     print(f"Wrote {workdir}/eval_{split}.json and predictions_{split}.csv")
   return result
 
