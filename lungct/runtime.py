@@ -218,6 +218,42 @@ class Predictor(NamedTuple):
   checkpoint: str
 
 
+def fingerprint(predictor: Predictor) -> str:
+  """`checkpoint.fingerprint` of the predictor's arrays: which weights an evaluation was computed with."""
+  return checkpoint.fingerprint(predictor.variables.params, predictor.variables.batch_stats)
+
+
+def load_evaluation(workdir: str, split: str, predictor: Predictor) -> tuple[dict | None, str]:
+  """(eval_<split>.json, "") when --mode=eval wrote it for ``predictor``'s checkpoint (the same fingerprint of
+  the arrays, whatever folder they were read from); else (None, why it cannot be used)."""
+  import os
+  path = os.path.join(workdir, f"eval_{split}.json")
+  if not os.path.exists(path):
+    return None, f"no {path}"
+  with open(path) as f:
+    ev = json.load(f)
+  mine = fingerprint(predictor)
+  if ev.get("checkpoint_fingerprint") != mine:
+    return None, (f"{path} was written for checkpoint {ev.get('checkpoint')} (step {ev.get('checkpoint_step')}, "
+                  f"fingerprint {ev.get('checkpoint_fingerprint')}), not for {predictor.checkpoint} "
+                  f"(step {predictor.step}, fingerprint {mine})")
+  return ev, ""
+
+
+def current_evaluation(predictor: Predictor, sources: dict, workdir: str, split: str, run_eval: Callable,
+                       load: Callable = load_evaluation) -> dict:
+  """eval_<split>.json of ``predictor``'s checkpoint (for the report): read when ``load`` accepts it, else the
+  task's ``run_eval(predictor, sources, workdir, split)`` writes it afresh (said in one line)."""
+  ev, why = load(workdir, split, predictor)
+  if ev is None:  # missing, or written for other weights (or settings ``load`` checks): evaluate these
+    print(f"report: {why}; running --mode=eval on the {split} split for {predictor.checkpoint}.")
+    run_eval(predictor, sources, workdir, split)
+    ev, why = load(workdir, split, predictor)
+    if ev is None:
+      raise RuntimeError(f"report: {why}")
+  return ev
+
+
 # ----------------------------------------------------------------------------- restore for inference
 
 def inference_config(current: ml_collections.ConfigDict, saved: dict, explicit: Sequence[str] = (), *,
