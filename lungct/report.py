@@ -124,7 +124,8 @@ def render(config, task, part: dict, figs: dict[str, str], build: dict, summary:
     data_lines += [part.get("test_line", ""), external_line(external)]
   if counts:
     reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in build.get("skip_reasons", {}).items())
-    data_lines.append(f"Dataset build: {counts.get('read', '?')} scans read, {counts.get('kept', '?')} kept, "
+    which = "The checkpoint's own dataset build" if external else "Dataset build"
+    data_lines.append(f"{which}: {counts.get('read', '?')} scans read, {counts.get('kept', '?')} kept, "
                       f"<b>{counts.get('skipped', '?')} skipped</b>{' (' + reasons + ')' if reasons else ''}; "
                       f"every skipped file and its reason is listed in build_report.json. Skipped scans are not "
                       f"in any split: if they differ from the kept ones (e.g. small nodules), the results may "

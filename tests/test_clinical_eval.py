@@ -140,6 +140,26 @@ def test_multiclass_temperature_is_fitted_on_validation_and_applied_to_test(seed
   assert plain["recalibration"] == {"method": "none"} and same["prob"] is test["prob"]
 
 
+def test_every_task_report_reruns_an_evaluation_of_other_weights(tmp_path, capsys):
+  """runtime.current_evaluation (every task's report_sections): eval_<split>.json is reused only when written for
+  the same weights; an older json without a fingerprint, or one of other weights, is evaluated afresh."""
+  c = tiny_config(tmp_path)
+  calls = []
+
+  def run_eval(predictor, sources, workdir, split):
+    calls.append(split)
+    (tmp_path / f"eval_{split}.json").write_text(json.dumps(
+        {"split": split, "checkpoint": predictor.checkpoint, "checkpoint_fingerprint": runtime.fingerprint(predictor)}))
+  (tmp_path / "eval_test.json").write_text(json.dumps({"split": "test", "checkpoint": "/old/run"}))
+  ev = runtime.current_evaluation(_fake_predictor(c), {}, str(tmp_path), "test", run_eval)
+  assert calls == ["test"] and ev["checkpoint_fingerprint"] == runtime.fingerprint(_fake_predictor(c))
+  assert "was written for checkpoint /old/run" in capsys.readouterr().out
+  runtime.current_evaluation(_fake_predictor(c), {}, str(tmp_path), "test", run_eval)  # current now: read
+  assert calls == ["test"]
+  runtime.current_evaluation(_fake_predictor(c, w=2.0), {}, str(tmp_path), "test", run_eval)
+  assert calls == ["test", "test"]
+
+
 def test_report_names_the_classes_and_reads_each_operating_point_on_the_decision_curve(tmp_path):
   c = tiny_config(tmp_path)
   c.data.class_names = ("benign", "malignant")

@@ -249,6 +249,13 @@ def test_every_mode_of_every_task(task_run, tmp_path):
       c2.cv.folds, c2.train.num_steps, c2.train.eval_every_steps = 2, 1, 1
       out = main.run(c2, str(tmp_path / "cv"), "cv")
       assert len(out["per_fold"]) == 2 and task.BEST_METRIC in out["summary"]
+      assert out["pooled"]["n"] == sum(f["n_heldout"] for f in out["per_fold"])  # every held-out study, once
+      assert out["stratified_by"] == "label"
+      if task.NAME == "attributes":
+        m = out["pooled"]["diameter_mm/mae"]
+        assert m["value"] > 0 and m["lo"] <= m["value"] <= m["hi"]
+        rows = list(csv.DictReader(open(tmp_path / "cv" / "oof_predictions.csv")))
+        assert len(rows) == out["pooled"]["n"] and {r["fold"] for r in rows} == {"0", "1"}
 
 
 def test_attributes_eval_and_report_of_an_external_set(task_run, tmp_path):

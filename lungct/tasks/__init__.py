@@ -5,6 +5,9 @@ tasks offering --mode=predict also satisfy `Predicts`, tasks offering --mode=rep
 task declares is read from here by the rest of the code: the task names (`config.task`'s choices), its config
 group and execution keys (`config_check`, inference), its best and headline metrics (`train`).
 
+Optional: ``pool_out_of_fold(oof, config, workdir) -> dict`` pools --mode=cv's held-out cases (one `evaluate`
+result per fold) into one estimate when `lungct.evaluate.pool_out_of_fold` cannot from their shape (attributes).
+
 Adding a task is one new module here, one entry in TASKS, and a config that sets `config.task`.
 """
 from __future__ import annotations

@@ -256,13 +256,16 @@ def with_confidence(pred: dict, config, *, n_boot: int, seed: int) -> dict[str, 
   return result
 
 
-def write_predictions(path: str, pred: dict, config) -> None:
+def write_predictions(path: str, pred: dict, config, fold=None) -> None:
+  """One row per study: ids, then each target's reference (empty = missing) and prediction; ``fold`` (one per
+  study, cross-validation's out-of-fold table) as a first column."""
   targets = targets_of(config)
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["study_id", "patient_id"] + [f"{t.name}{s}" for t in targets for s in ("", "_predicted")])
+    w.writerow((["fold"] if fold is not None else []) + ["study_id", "patient_id"]
+               + [f"{t.name}{s}" for t in targets for s in ("", "_predicted")])
     for i in range(len(pred["pred"])):
-      row = [pred["study_id"][i], pred["patient_id"][i]]
+      row = ([int(fold[i])] if fold is not None else []) + [pred["study_id"][i], pred["patient_id"][i]]
       for t in targets:
         y = pred["targets"][i, t.column]
         row += ["" if not np.isfinite(y) else f"{y:g}", f"{pred['pred'][i, t.column]:.4f}"]
@@ -288,6 +291,20 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
     print("\n".join(summary_lines(result)))
     print(f"Wrote {path} and predictions_{split}.csv")
   return result
+
+
+def pool_out_of_fold(oof: list[dict], config, workdir: str) -> dict:
+  """--mode=cv: every study's out-of-fold prediction (each from the fold that held it out) in one table,
+  oof_predictions.csv (with its fold), and each target's metrics over all of them with 95% patient-bootstrap
+  CIs, as "<target>/<metric>"."""
+  pred = {k: np.concatenate([np.asarray(c[k]) for c in oof]) for k in ("pred", "targets", "study_id", "patient_id")}
+  fold = np.concatenate([np.full(len(c["pred"]), i) for i, c in enumerate(oof)])
+  per = with_confidence(pred, config, n_boot=int(config.eval.n_boot), seed=int(config.seed))
+  if runtime.is_main_process():
+    write_predictions(os.path.join(workdir, "oof_predictions.csv"), pred, config, fold=fold)
+  return {"level": "study", "n": int(len(pred["pred"])),
+          "n_patients": int(len(set(np.asarray(pred["patient_id"]).tolist()))),
+          **{f"{name}/{k}": v for name, e in per.items() for k, v in e.items() if isinstance(v, dict)}}
 
 
 def _ci(m: dict, digits: int = 2) -> str:
