@@ -25,7 +25,7 @@
 # 4. The tutorial 3D CNN layer by layer, and a 3D ResNet next to it
 # 5. Training on a CPU, the loss curve from the run's own log, and what "precise BN" fixes
 # 6. Evaluation as a clinician reads it: confusion matrix, sensitivity/specificity with CIs, ROC,
-#    calibration, thresholds "per 100 patients", the HTML report
+#    calibration, thresholds "per 100 studies" and "per 100 patients", the HTML report
 # 7. Grad-CAM: where the model's evidence comes from
 # 8. Multi-class severity grades, and transfer learning (`init_from` + `freeze`)
 # 9. Lesion segmentation with a 3D U-Net and the Dice score
@@ -458,8 +458,8 @@ for name, op in ev["operating_points"].items():
         f"specificity {ci(m['specificity'])}, PPV {ci(m['ppv'])}, NPV {ci(m['npv'])}")
 
 # %% [markdown]
-# **Per 100 patients.** Sensitivity and specificity are easier to weigh as people: of 100 patients with the
-# finding, how many are flagged; of 100 without, how many are wrongly flagged.
+# **Per 100 studies.** Sensitivity and specificity are easier to weigh as counts: of 100 abnormal studies (scans),
+# how many are flagged; of 100 normal ones, how many are wrongly flagged (the report also says it per 100 patients).
 
 # %%
 for name, op in ev["operating_points"].items():

@@ -28,7 +28,7 @@ COLUMNS = [("val_auc", "validation", "auc"), ("test_auc", "test", "auc"), ("test
 
 
 def _config(ablation: ablations.Ablation, overrides: dict, cli: dict, runs: dict[str, str]):
-  c = config_check.apply_overrides(ablations.base_config(), {**ablation.common, **overrides, **cli})
+  c = config_check.apply_overrides(ablation.config(), {**ablation.common, **overrides, **cli})
   if c.init_from.startswith("@"):  # a prerequisite run's workdir
     c.init_from = runs[c.init_from[1:]]
   return c

@@ -4,9 +4,9 @@ eval: the best (or a given) checkpoint restored for inference (params and BatchN
 model/data settings it was trained with), then the task's `run_eval` on a split. For classification,
 thresholds are chosen on the validation split and applied unchanged to the split being evaluated.
 
-cv: patient-grouped, label-stratified k-fold cross-validation over train+validation through the one loop; by
-default every selection inside a fold uses an inner validation split of its training patients, and the held-out
-folds' predictions are pooled into one estimate with a patient-bootstrap CI.
+cv: patient-grouped k-fold cross-validation over train+validation through the one loop, stratified by label where
+the studies have one (`cv_strata`); by default every selection inside a fold uses an inner validation split of its
+training patients, and the held-out folds' predictions are pooled into one estimate with a patient-bootstrap CI.
 """
 from __future__ import annotations
 
@@ -74,13 +74,15 @@ def external_sources(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
   return {**internal, EXTERNAL: builder.as_data_source("test")}, info
 
 
-def evaluate_external(predictor: runtime.Predictor, workdir: str) -> dict:
+def evaluate_external(predictor: runtime.Predictor, workdir: str, prepared: tuple[dict, dict] | None = None
+                      ) -> dict:
   """The external set as one test set, through the task's own `run_eval`: thresholds (and anything else the task
   fits on validation) from the internal validation split, every kept external study scored; eval_external.json
-  (with the external build summary under "external") and the task's per-case files (predictions_external.csv)."""
+  (with the external build summary under "external") and the task's per-case files (predictions_external.csv).
+  ``prepared``: `external_sources`' result when the caller has it already."""
   from lungct.data import lung_ct
   task = tasks.get(predictor.config)
-  sources, info = external_sources(predictor.config)
+  sources, info = prepared or external_sources(predictor.config)
   if runtime.is_main_process():
     print("\n".join("external set: " + line for line in lung_ct.summary_lines(
         {"config": info["dataset"], "totals": info["totals"], "skip_reasons": info["skip_reasons"],
@@ -136,6 +138,9 @@ def stratified_group_kfold(labels: Sequence[int], groups: Sequence[str], k: int,
   to the fold that currently holds the fewest examples of that label.
   """
   labels, groups = np.asarray(labels), np.asarray(groups)
+  if labels.size and labels.min() < 0:
+    raise ValueError(f"labels must be >= 0, got {int(labels.min())} (`cv_strata` gives a missing label its own "
+                     f"stratum)")
   uniq = sorted(set(groups.tolist()))
   if len(uniq) < k:
     raise ValueError(f"cannot make {k} folds from {len(uniq)} patients")
@@ -159,10 +164,25 @@ def _index(config, split: str) -> list[dict]:
   return lung_ct.split_index(lung_ct.prepare(config.data), split)
 
 
+def cv_strata(config, rows: Sequence[dict]) -> tuple[np.ndarray, str]:
+  """(stratum of every study, what that is, in words) for the folds: the class the task learns (``grade`` with
+  data.label="grade", else ``label``). A study without one (a labels CSV with no label column or an empty cell,
+  as attributes allow: -1) is in a stratum of its own; when no study has one, the folds are grouped by patient
+  only, and said so."""
+  key = "grade" if config.data.label == "grade" else "label"
+  values = np.asarray([int(r[key]) for r in rows], dtype=np.int64)
+  missing = int(np.sum(values < 0))
+  if missing == len(values):
+    return np.zeros(len(values), dtype=np.int64), (f"nothing: no study has a {key} (grouped by patient only, the "
+                                                   f"folds' outcomes not balanced)")
+  strata = np.unique(values, return_inverse=True)[1].astype(np.int64)
+  return strata, key + (f" ({missing} studies without one form a stratum of their own)" if missing else "")
+
+
 SELECTIONS = {
     "inner": "checkpoint selection, early stopping and thresholds on an inner validation split ({frac:.0%} of each "
-             "fold's training patients, grouped by patient, stratified by label); each held-out fold read only "
-             "when it was scored, once, after training",
+             "fold's training patients, grouped by patient, stratified like the folds); each held-out fold read "
+             "only when it was scored, once, after training",
     "heldout": "OPTIMISTIC: checkpoint selection and early stopping on the held-out fold itself, which is then "
                "scored (thresholds from the same fold); kept only to measure how much that inflates the estimate",
 }
@@ -181,7 +201,7 @@ def inner_split(labels: Sequence[int], groups: Sequence[str], indices: Sequence[
 
 
 def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """--mode=cv: k-fold CV over train+validation (patient-grouped, label-stratified); one workdir per fold.
+  """--mode=cv: k-fold CV over train+validation (patient-grouped, stratified by `cv_strata`); one workdir per fold.
 
   With ``cv.selection="inner"`` (the default) each fold trains on its training folds less an inner validation
   split carved from them by patient, which alone picks the best checkpoint, stops early and sets the
@@ -202,8 +222,8 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sources = runtime.data_sources(config)
   pool = Concat([sources["train"], sources["validation"]])
   rows = _index(config, "train") + _index(config, "validation")
-  key = "grade" if config.data.label == "grade" else "label"
-  labels, groups = [int(r[key]) for r in rows], [r["patient_id"] for r in rows]
+  labels, stratified_by = cv_strata(config, rows)
+  groups = [r["patient_id"] for r in rows]
   folds = stratified_group_kfold(labels, groups, k, seed=config.cv.seed)
   per_fold, oof = [], []
   for i, held_out in enumerate(folds):
@@ -231,9 +251,10 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "per_fold": [f[k_] for f in per_fold]} for k_ in numeric}
   pooled = pool_out_of_fold(task, oof, config, workdir)
   how = SELECTIONS[selection].format(frac=fraction)
-  out = {"folds": k, "selection": selection, "inner_fraction": fraction if selection == "inner" else None,
+  out = {"folds": k, "stratified_by": stratified_by, "selection": selection,
+         "inner_fraction": fraction if selection == "inner" else None,
          "selection_note": how, "per_fold": per_fold, "summary": table, "pooled": pooled}
-  md = [f"# {k}-fold cross-validation (patient-grouped, label-stratified)", "",
+  md = [f"# {k}-fold cross-validation (grouped by patient)", "", f"Folds stratified by {stratified_by}.", "",
         f"Selection: {how}.", ""]
   md += pooled_lines(pooled)
   md += ["", "Per fold, on each held-out fold (threshold 0.5 here; fold_<i>/eval_heldout.json has CIs at thresholds "
@@ -281,8 +302,11 @@ def pool_out_of_fold(task, oof: list, config, workdir: str) -> dict:
   Binary classification: AUC (and PR-AUC, Brier) of the pooled probabilities, and sensitivity / specificity /
   accuracy of the pooled decisions, each study decided at its own fold's threshold (Youden's J on the fold's
   selection split); oof_predictions.csv. Cases as a list of per-case metric dicts (segmentation): the mean of
-  each numeric per-case metric; oof_cases.csv. Anything else: {} (the per-fold table only)."""
+  each numeric per-case metric; oof_cases.csv. A task with its own ``pool_out_of_fold(oof, config, workdir)``
+  (attributes: each target's metrics over every study): that. Anything else: {} (the per-fold table only)."""
   n_boot, seed = int(config.eval.n_boot), int(config.seed)
+  if hasattr(task, "pool_out_of_fold"):  # a task whose cases need its own metrics (attributes)
+    return task.pool_out_of_fold(oof, config, workdir)
   if all(_is_binary_cases(c) for c in oof):
     cat = {k: np.concatenate([np.asarray(c[k]) for c in oof]) for k in ("prob", "label", "study_id",
                                                                          "patient_id", "threshold", "rule")}
@@ -317,11 +341,8 @@ def pool_out_of_fold(task, oof: list, config, workdir: str) -> dict:
     g = np.array([r["patient_id"] for r in rows])
     out = {"level": "study", "n": len(rows), "n_patients": int(len(set(g.tolist())))}
     for name in names:
-      vals = np.array([np.nan if r.get(name) is None else float(r[name]) for r in rows])
-      ci = metrics.bootstrap_ci(np.zeros(len(vals)), vals, lambda _, v: float(np.nanmean(v))
-                                if np.any(np.isfinite(v)) else float("nan"), groups=g, n_boot=n_boot, seed=seed)
-      out[name] = {"value": ci.point, "lo": ci.lo, "hi": ci.hi, "n_used": ci.n_used,
-                   "n_cases": int(np.sum(np.isfinite(vals)))}
+      vals = [np.nan if r.get(name) is None else float(r[name]) for r in rows]
+      out[name] = metrics.mean_with_ci(vals, g, n_boot=n_boot, seed=seed)
     if runtime.is_main_process():
       keys = list(rows[0])
       with open(os.path.join(workdir, "oof_cases.csv"), "w", newline="") as f:

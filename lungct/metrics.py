@@ -483,6 +483,16 @@ def bootstrap_ci(
   return BootstrapCI(point, lo, hi, n_used, n_boot)
 
 
+def mean_with_ci(values: Any, groups: Any | None = None, *, n_boot: int = 1000, alpha: float = 0.05,
+                 seed: int = 0) -> dict[str, float]:
+  """Mean of the finite ``values`` (per-case metrics; NaN = undefined for that case) with a percentile bootstrap
+  CI resampling ``groups`` (patients, with all their cases): {"value", "lo", "hi", "n_used", "n_cases"}."""
+  v = np.asarray(values, dtype=np.float64)
+  ci = bootstrap_ci(np.zeros(len(v)), v, lambda _, x: float(np.nanmean(x)) if np.any(np.isfinite(x))
+                    else float("nan"), groups=groups, n_boot=n_boot, alpha=alpha, seed=seed)
+  return {"value": ci.point, "lo": ci.lo, "hi": ci.hi, "n_used": ci.n_used, "n_cases": int(np.sum(np.isfinite(v)))}
+
+
 def metrics_with_ci(
     y: Any,
     p: Any,

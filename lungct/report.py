@@ -1,17 +1,19 @@
 """--mode=report: one self-contained HTML page (and a Markdown twin) a clinician can read.
 
-The page is the same for every task: data (source, geometry, splits, what the build skipped), the model and its
-training curves, then the task's own sections (`task.report_sections`: for classification the metrics with CIs at
-each operating threshold, per-100-patients wording, ROC / confusion / reliability and Grad-CAM figures; for
-attributes the per-attribute table and predicted-vs-reference plots), figures and limitations. Sections are
-given as blocks (("p", html), ("ul", [html...]), ("table", head, rows)) and rendered here to HTML and Markdown.
-Figures are PNG files in <workdir>/report/ and embedded in report.html.
+The page is built here, the same for every task: header, data (source, geometry, splits, what the build skipped;
+for an external set (`config.eval.external_dir`) what its own build read, kept and skipped and whether it shares
+patients with the training data), the model and its checkpoint (path, step, fingerprint of its arrays), training
+curves, then the task's own part (`task.report_sections`: for classification the metrics with CIs at each
+operating threshold per study and per patient, per-100 and net-benefit wording, recalibration, ROC / confusion /
+reliability / decision-curve and Grad-CAM figures; for segmentation Dice / IoU / HD95 with CIs and mask overlays;
+for attributes the per-attribute table and predicted-vs-reference plots), figures and limitations. A task's
+sections are blocks (("p", html), ("h3", text), ("ul", [html...]), ("table", head, rows)) rendered here to HTML
+and Markdown. Figures are PNG files in <workdir>/report/ and embedded in report.html.
 """
 from __future__ import annotations
 
 import datetime
 import html
-import inspect
 import json
 import os
 import re
@@ -32,17 +34,18 @@ LIMITATIONS_COMMON = [
 ]
 
 
-def curve_keys(task) -> tuple[str, ...]:
-  """The metrics.jsonl series the training-curves figure draws: losses, the task's best and headline metrics."""
+def curve_keys(task, extra=()) -> tuple[str, ...]:
+  """The metrics.jsonl series the training-curves figure draws: losses, the task's best and headline metrics, and
+  the ``extra`` series its report part asks for (``"curves"``)."""
   val = (task.BEST_METRIC, *task.HEADLINE_METRICS)
-  return ("train/loss", "val/loss", *(f"val/{k}" for k in val), "train/learning_rate")
+  return ("train/loss", "val/loss", *(f"val/{k}" for k in val), *extra, "train/learning_rate")
 
 
-def training_curves(task, workdir: str, out_dir: str) -> dict[str, str]:
+def training_curves(task, workdir: str, out_dir: str, extra=()) -> dict[str, str]:
   jsonl = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(jsonl):
     return {}
-  keys = curve_keys(task)
+  keys = curve_keys(task, extra)
   history = [{k: v for k, v in rec.items() if k == "step" or k in keys} for rec in viz.load_history(jsonl)]
   return {"Training curves": viz.save(viz.training_curves([h for h in history if len(h) > 1]),
                                       os.path.join(out_dir, "training_curves.png"))}
@@ -50,29 +53,24 @@ def training_curves(task, workdir: str, out_dir: str) -> dict[str, str]:
 
 def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
                  explicit=()) -> str:
+  """report.html and report.md of the test split, or with ``config.eval.external_dir`` of the external set
+  (`lungct.evaluate`, evaluated afresh), for every task: the task gives its part (`task.report_sections`)."""
   predictor, task = tasks.restore(config, workdir, checkpoint_path, explicit, "report")
   config = predictor.config
   out_dir = os.path.join(workdir, "report")
-  if config.eval.get("external_dir", ""):  # the external set (lungct.evaluate), evaluated afresh, is the page's
+  external = None
+  if config.eval.get("external_dir", ""):
     from lungct import evaluate
-    if "split" not in inspect.signature(task.report_sections).parameters:
-      raise tasks.TaskError(f"--mode=report of an external set is not supported by config.task={task.NAME!r} "
-                            f"(--mode=eval writes its eval_external.json)")
-    sources, _ = evaluate.external_sources(config)
-    evaluate.evaluate_external(predictor, workdir)
-    os.makedirs(out_dir, exist_ok=True)
-    part = task.report_sections(predictor, sources, workdir, out_dir, split=evaluate.EXTERNAL)
+    sources, external = evaluate.external_sources(config)
+    evaluate.evaluate_external(predictor, workdir, (sources, external))
+    split = evaluate.EXTERNAL
   else:
-    sources = runtime.data_sources(config)
-    os.makedirs(out_dir, exist_ok=True)
-    part = task.report_sections(predictor, sources, workdir, out_dir)
-  if "page" in part:  # a task that renders its whole page (classification)
-    html_text, md_text = part["page"]
-    return _write(workdir, html_text, md_text, out_dir)
-  figs = {**training_curves(task, workdir, out_dir), **part["figures"]}
-  builder = lung_ct.builder_for(config.data)
+    sources, split = runtime.data_sources(config), "test"
+  os.makedirs(out_dir, exist_ok=True)
+  part = task.report_sections(predictor, sources, workdir, out_dir, split)
+  figs = {**training_curves(task, workdir, out_dir, part.get("curves", ())), **part["figures"]}
   try:
-    build = lung_ct.read_build_report(builder)
+    build = lung_ct.read_build_report(lung_ct.builder_for(config.data))
   except OSError:
     build = {}
   summary = {}
@@ -80,11 +78,10 @@ def build_report(config: ml_collections.ConfigDict, workdir: str, checkpoint_pat
   if os.path.exists(mpath):
     with open(mpath) as f:
       summary = json.load(f)
-  html_text, md_text = render(config, task, part, figs, build, summary, {s: len(v) for s, v in sources.items()})
-  return _write(workdir, html_text, md_text, out_dir)
-
-
-def _write(workdir: str, html_text: str, md_text: str, out_dir: str) -> str:
+  provenance = {"checkpoint": predictor.checkpoint, "step": predictor.step,
+                "fingerprint": runtime.fingerprint(predictor)}
+  sizes = {s: len(x) for s, x in sources.items() if s in ("train", "validation", "test")}
+  html_text, md_text = render(config, task, part, figs, build, summary, sizes, provenance, external)
   if runtime.is_main_process():
     with open(os.path.join(workdir, "report.html"), "w") as f:
       f.write(html_text)
@@ -94,27 +91,51 @@ def _write(workdir: str, html_text: str, md_text: str, out_dir: str) -> str:
   return os.path.join(workdir, "report.html")
 
 
-def render(config, task, part: dict, figs: dict[str, str], build: dict, summary: dict, sizes: dict
-           ) -> tuple[str, str]:
+def external_line(info: dict) -> str:
+  """An external set (`lungct.evaluate.external_sources`' summary, also eval_external.json's "external"): what
+  it is, what its build read / kept / skipped, and whether it shares patients with the training dataset."""
+  t = info["totals"]
+  reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in info.get("skip_reasons", {}).items())
+  skipped = ", ".join(html.escape(os.path.basename(s["file"])) for s in info.get("skipped", [])[:5])
+  shared = info.get("shared_patients", [])
+  return (f"<b>External test set</b>: {html.escape(info['dir'])} (labels {html.escape(info['csv'])}), prepared "
+          f"exactly as the training data: {t['read']} scans read, {t['kept']} kept, <b>{t['skipped']} skipped</b>"
+          + (f" ({reasons}: {skipped})" if t["skipped"] else "") + f"; {info['n_patients']} patients, "
+          + (f"<b>{len(shared)} of them also in the training dataset</b> (not independent)" if shared else
+             "none of them in the training dataset") + ".")
+
+
+def render(config, task, part: dict, figs: dict[str, str], build: dict, summary: dict, sizes: dict,
+           provenance: dict, external: dict | None = None) -> tuple[str, str]:
+  """(HTML, Markdown) of the page: header, data (with the external set's build when there is one), the model
+  and its checkpoint, the task's sections, figures and limitations."""
   synthetic = config.data.source == "synthetic"
   when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   counts = build.get("totals", {})
+  splits = (f"train {sizes.get('train', '?')}, validation {sizes.get('validation', '?')}, "
+            f"test {sizes.get('test', '?')} studies")
   data_lines = [
       f"Source: <b>{config.data.source}</b>{' (synthetic phantoms)' if synthetic else ''}; volumes preprocessed to "
       f"{tuple(config.data.shape)} voxels (depth × height × width), HU window {tuple(config.data.hu_window)}.",
-      f"Split by patient: train {sizes.get('train', '?')}, validation {sizes.get('validation', '?')}, "
-      f"test {sizes.get('test', '?')} studies. {part.get('test_line', '')}".rstrip(),
+      (f"The checkpoint's own data, split by patient: {splits}." if external else
+       f"Split by patient: {splits}. {part.get('test_line', '')}".rstrip()),
   ]
+  if external:
+    data_lines += [part.get("test_line", ""), external_line(external)]
   if counts:
     reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in build.get("skip_reasons", {}).items())
-    data_lines.append(f"Dataset build: {counts.get('read', '?')} scans read, {counts.get('kept', '?')} kept, "
+    which = "The checkpoint's own dataset build" if external else "Dataset build"
+    data_lines.append(f"{which}: {counts.get('read', '?')} scans read, {counts.get('kept', '?')} kept, "
                       f"<b>{counts.get('skipped', '?')} skipped</b>{' (' + reasons + ')' if reasons else ''}; "
                       f"every skipped file and its reason is listed in build_report.json. Skipped scans are not "
                       f"in any split: if they differ from the kept ones (e.g. small nodules), the results may "
                       f"not carry over to them.")
-  model_line = (f"Model <b>{config.model.name}</b>, checkpoint step {part.get('checkpoint_step')} (best validation "
-                f"{task.BEST_METRIC}), trained {summary.get('steps', '?')} steps in "
-                f"{summary.get('wall_time_s', 0):.0f} s.")
+  data_lines = [line for line in data_lines if line]
+  model_line = (f"Model <b>{config.model.name}</b>, checkpoint {html.escape(str(provenance.get('checkpoint')))} "
+                f"(step {provenance.get('step')}, fingerprint {provenance.get('fingerprint')}; the best checkpoint is "
+                f"the one of highest validation {task.BEST_METRIC})" +
+                (f", from a run of {summary['steps']} steps in {summary.get('wall_time_s', 0):.0f} s."
+                 if "steps" in summary else "; the run has not finished (no metrics.json)."))
   limitations = ([LIMITATIONS_SYNTHETIC] if synthetic else []) + LIMITATIONS_COMMON[:2] + list(
       part.get("limitations", ())) + LIMITATIONS_COMMON[2:]
   sections_html = "".join(f"<h2>{html.escape(h)}</h2>" + "".join(_block_html(b) for b in blocks)
@@ -146,6 +167,8 @@ def _block_html(block) -> str:
   kind = block[0]
   if kind == "p":
     return f"<p>{block[1]}</p>"
+  if kind == "h3":
+    return f"<h3>{html.escape(block[1])}</h3>"
   if kind == "ul":
     return "<ul>" + "".join(f"<li>{i}</li>" for i in block[1]) + "</ul>"
   if kind == "table":
@@ -159,6 +182,8 @@ def _block_md(block) -> list[str]:
   kind = block[0]
   if kind == "p":
     return [_strip(block[1]), ""]
+  if kind == "h3":
+    return [f"### {block[1]}", ""]
   if kind == "ul":
     return [f"- {_strip(i)}" for i in block[1]] + [""]
   head, rows = block[1], block[2]

@@ -168,14 +168,24 @@ class Variables(NamedTuple):
 
 
 def init_variables(config: ml_collections.ConfigDict, num_outputs: int) -> Variables:
-  """A freshly initialised model (seed ``config.seed``), split into (graphdef, params, batch_stats)."""
+  """A freshly initialised model (seed ``config.seed``), split into (graphdef, params, batch_stats).
+
+  The initialisation is one jitted computation: built eagerly, every layer's initialiser would be a dispatch
+  and a compile of its own (a ResNet-10's 36 convolutions: ~20 s of a 2-core CPU before the first step).
+  """
+  make = lambda: models.create_model(config.model, num_outputs=num_outputs, dtype=jnp.dtype(config.dtype),
+                                     rngs=nnx.Rngs(params=config.seed))
   try:
-    model = models.create_model(config.model, num_outputs=num_outputs, dtype=jnp.dtype(config.dtype),
-                                rngs=nnx.Rngs(params=config.seed))
+    graphdef = nnx.graphdef(nnx.eval_shape(make))
   except models.ModelConfigError as e:
     raise config_check.ConfigError(str(e)) from None
-  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  return Variables(graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats))
+
+  def init():
+    _, params, batch_stats = nnx.split(make(), nnx.Param, nnx.BatchStat)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+
+  params, batch_stats = jax.jit(init)()
+  return Variables(graphdef, params, batch_stats)
 
 
 def merge(graphdef: nnx.GraphDef, params: Any, batch_stats: Any) -> nnx.Module:
@@ -206,6 +216,42 @@ class Predictor(NamedTuple):
   config: ml_collections.ConfigDict   # the config the checkpoint was trained with (execution keys current)
   step: int
   checkpoint: str
+
+
+def fingerprint(predictor: Predictor) -> str:
+  """`checkpoint.fingerprint` of the predictor's arrays: which weights an evaluation was computed with."""
+  return checkpoint.fingerprint(predictor.variables.params, predictor.variables.batch_stats)
+
+
+def load_evaluation(workdir: str, split: str, predictor: Predictor) -> tuple[dict | None, str]:
+  """(eval_<split>.json, "") when --mode=eval wrote it for ``predictor``'s checkpoint (the same fingerprint of
+  the arrays, whatever folder they were read from); else (None, why it cannot be used)."""
+  import os
+  path = os.path.join(workdir, f"eval_{split}.json")
+  if not os.path.exists(path):
+    return None, f"no {path}"
+  with open(path) as f:
+    ev = json.load(f)
+  mine = fingerprint(predictor)
+  if ev.get("checkpoint_fingerprint") != mine:
+    return None, (f"{path} was written for checkpoint {ev.get('checkpoint')} (step {ev.get('checkpoint_step')}, "
+                  f"fingerprint {ev.get('checkpoint_fingerprint')}), not for {predictor.checkpoint} "
+                  f"(step {predictor.step}, fingerprint {mine})")
+  return ev, ""
+
+
+def current_evaluation(predictor: Predictor, sources: dict, workdir: str, split: str, run_eval: Callable,
+                       load: Callable = load_evaluation) -> dict:
+  """eval_<split>.json of ``predictor``'s checkpoint (for the report): read when ``load`` accepts it, else the
+  task's ``run_eval(predictor, sources, workdir, split)`` writes it afresh (said in one line)."""
+  ev, why = load(workdir, split, predictor)
+  if ev is None:  # missing, or written for other weights (or settings ``load`` checks): evaluate these
+    print(f"report: {why}; running --mode=eval on the {split} split for {predictor.checkpoint}.")
+    run_eval(predictor, sources, workdir, split)
+    ev, why = load(workdir, split, predictor)
+    if ev is None:
+      raise RuntimeError(f"report: {why}")
+  return ev
 
 
 # ----------------------------------------------------------------------------- restore for inference

@@ -14,6 +14,7 @@ TensorBoard logging, a progress bar.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -268,6 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   is_main = runtime.is_main_process()
   t_start = time.time()
   tc = config.train
+  took: collections.Counter = collections.Counter()  # wall seconds per phase, in metrics.json's "time_s"
 
   # Resume: the saved config is compared before anything is built or any array is read.
   moved = checkpoint.set_aside_leftover_best(workdir)
@@ -354,10 +356,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
 
   step = start_step
   t_log = time.time()
+  took["setup"] = t_log - t_start
   try:
     while step < total_steps:
+      t0 = time.perf_counter()
       batch = task.prepare_batch(next(batches), config, step)
       state, m = step_fn(state, to_device(batch), key)
+      if step == start_step:  # the train step's compile, timed apart from the steps
+        jax.block_until_ready(m)
+        took["first_step"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
       step += 1
       window.append(m)
       progress.update(1)
@@ -367,6 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
       will_save = step % ckpt_every == 0 or step == total_steps or is_eval or stop_now
       if will_save or step % tc.log_every_steps == 0:  # the step's own values, before anything is saved
         _check_finite(window, step, tc.on_nan, workdir, last_good_step)
+      took["train_steps"] += time.perf_counter() - t0  # dispatch until a value is read: the steps' own time
       if step % tc.log_every_steps == 0 or step == total_steps:
         logged = _window_metrics(window)
         logged["train/volumes_per_s"] = len(window) * tc.batch_size / max(time.time() - t_log, 1e-9)
@@ -375,7 +384,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
         progress.set_postfix(loss=f"{logged['train/loss']:.3f}")
         window, t_log = [], time.time()
       if is_eval:
+        t0 = time.perf_counter()
         val = evaluate()
+        took["evaluation"] += time.perf_counter() - t0
         writer.write(step, {f"val/{k}": v for k, v in val.items()})
         score = val.get(task.BEST_METRIC, float("nan"))
         improved = math.isfinite(score) and (book["best"] is None or score > book["best"])
@@ -387,11 +398,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
           progress.write(f"step {step}: " + "  ".join(
               f"val {k} {val[k]:.4f}" for k in _headline(val, task)) + (" *" if improved else ""))
       if will_save:
+        t0 = time.perf_counter()
         meta = {"config": config_json, "bookkeeping": book, "dataset": dataset_id}
         checkpoint.save(latest, step, state, meta)
         if val is not None and book["best_step"] == step:  # only an improvement replaces the best
           checkpoint.save(best, step, state, meta, metrics={f"val_{task.BEST_METRIC}": book["best"]})
         last_good_step = step
+        took["checkpoints"] += time.perf_counter() - t0
       if stop_now:
         stop_reason = "preempted (SIGTERM)"
         break
@@ -401,8 +414,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
         break
   finally:
     progress.close()
+    t0 = time.perf_counter()
     latest.wait_until_finished()
     best.wait_until_finished()
+    took["checkpoints"] += time.perf_counter() - t0
     preempted.restore()
     writer.close()
 
@@ -414,6 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
       print(f"Stopped at step {step}: {stop_reason}; checkpoint saved, rerun the same command to resume.")
     return summary
   # Final evaluation with the best checkpoint (by the task's validation metric) on validation and test.
+  t0 = time.perf_counter()
   if best.latest_step() is not None:
     state, _ = checkpoint.restore(best, state, best.latest_step(), check_meta=lambda m: same_run_as_best(
         m, config_json, book, workdir, task.EXECUTION_KEYS))
@@ -421,12 +437,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   final = [s for s in ("validation", "test") if s in sources]  # cross-validation scores its held-out fold itself
   for split in final:
     summary[split] = task.evaluate(apply, variables, mesh, sources[split], config)[0]
+  took["final_evaluation"] = time.perf_counter() - t0
+  summary["wall_time_s"] = time.time() - t_start
+  summary["time_s"] = {k: round(v, 2) for k, v in took.items()}
   if is_main:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({**metrics.json_safe(summary), "note": metrics.JSON_NULL_NOTE}, f, indent=2, allow_nan=False)
     print(f"Done in {summary['wall_time_s']:.0f} s ({stop_reason}). Best step {summary['best_step']}: " +
           ", ".join(f"{s} {task.BEST_METRIC} {summary[s].get(task.BEST_METRIC, float('nan')):.3f}"
                     for s in final) + f". Wrote {workdir}/metrics.json")
+    print("Time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in took.items()) +
+          " (the first step includes its compile; evaluation includes precise BN)")
   return summary
 
 

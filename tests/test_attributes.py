@@ -118,6 +118,41 @@ def test_summary_per_target_and_best_metric():
   assert m["lo"] <= m["value"] <= m["hi"]
 
 
+def test_cross_validation_pools_every_out_of_fold_prediction_per_target(tmp_path):
+  """--mode=cv: the folds' held-out predictions in one table (oof_predictions.csv, with the fold) and each
+  target's metrics over all of them with patient-bootstrap CIs; the values are those of the pooled studies, not
+  a mean of the folds' values."""
+  import csv
+  from lungct import evaluate
+  c = tiny()
+  c.eval.n_boot = 100
+  rng = np.random.default_rng(0)
+  oof = []
+  for f, n in enumerate((5, 7)):
+    targets = np.column_stack([rng.uniform(3, 30, n), rng.integers(1, 6, n).astype(float)])
+    targets[0, 1] = np.nan                                   # a missing rating: left out of that target only
+    pred = np.column_stack([targets[:, 0] + rng.normal(0, 2 + 4 * f, n), rng.uniform(1, 5, n)])
+    oof.append({"pred": pred, "targets": targets, "study_id": np.array([f"f{f}s{i}" for i in range(n)]),
+                "patient_id": np.array([f"f{f}p{i // 2}" for i in range(n)])})
+  pooled = evaluate.pool_out_of_fold(attributes, oof, c, str(tmp_path))
+  y = np.concatenate([o["targets"] for o in oof])
+  p = np.concatenate([o["pred"] for o in oof])
+  assert pooled["n"] == 12 and pooled["n_patients"] == 3 + 4
+  mae = pooled["diameter_mm/mae"]
+  assert mae["value"] == pytest.approx(np.mean(np.abs(y[:, 0] - p[:, 0])))
+  fold_means = np.mean([np.mean(np.abs(o["targets"][:, 0] - o["pred"][:, 0])) for o in oof])
+  assert abs(mae["value"] - fold_means) > 1e-3              # pooled over studies, not averaged over folds
+  assert mae["lo"] <= mae["value"] <= mae["hi"] and mae["lo"] < mae["hi"]
+  known = np.isfinite(y[:, 1])
+  assert pooled["malignancy/within_one"]["value"] == pytest.approx(metrics.within_one(y[known, 1], p[known, 1]))
+  assert "malignancy/kappa" in pooled and "diameter_mm/kappa" not in pooled
+  rows = list(csv.DictReader(open(tmp_path / "oof_predictions.csv")))
+  assert [r["fold"] for r in rows] == ["0"] * 5 + ["1"] * 7 and rows[5]["study_id"] == "f1s0"
+  assert rows[0]["malignancy"] == "" and float(rows[1]["diameter_mm_predicted"]) == pytest.approx(p[1, 0], abs=1e-4)
+  lines = "\n".join(evaluate.pooled_lines(pooled))
+  assert "over all 12 studies of 7 patients" in lines and "| diameter_mm/mae |" in lines
+
+
 # ----------------------------------------------------------------------------- the open schema
 
 def _crops(tmp_path, header, rows):

@@ -114,6 +114,52 @@ def test_temperature_fitted_on_validation_is_applied_to_test(seed):
       metrics.roc_auc(test["label"], test["prob"]))
 
 
+def _grades(seed, n=3000, k=4, true_t=2.5):
+  """K-class predictions whose softmax logits are ``true_t`` times too large (grades drawn from softmax(z))."""
+  rng = np.random.default_rng(seed)
+  z = 1.2 * rng.standard_normal((n, k))
+  p_true = metrics.apply_temperature(z, 1.0)
+  grade = (rng.random((n, 1)) > np.cumsum(p_true, axis=1)).sum(axis=1)
+  pid = np.array([f"P{i // 2:04d}" for i in range(n)], dtype=object)
+  return {"prob": metrics.apply_temperature(z * true_t, 1.0), "grade": grade, "patient_id": pid}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_multiclass_temperature_is_fitted_on_validation_and_applied_to_test(seed):
+  val, test = _grades(seed), _grades(seed + 7)
+  result, cal = classify.multiclass_result(val, test, calibration="temperature", n_boot=30, seed=0)
+  rec = result["recalibration"]
+  assert rec["temperature"] == pytest.approx(2.5, rel=0.1)  # the known over-confidence is recovered
+  assert rec["after"]["ece"]["value"] < 0.04 and rec["before"]["ece"]["value"] > 0.15  # seeds 0-7: 0.015-0.024, 0.21-0.23
+  log_p = np.log(np.clip(test["prob"], 1e-7, 1.0))  # logits of stored probabilities, clipped as documented
+  assert np.allclose(cal["prob"], metrics.apply_temperature(log_p, rec["temperature"]))
+  assert np.array_equal(cal["prob"].argmax(1), test["prob"].argmax(1))  # argmax (and accuracy) unchanged
+  assert result["metrics"]["accuracy"] == pytest.approx(metrics.multiclass_metrics(test["grade"],
+                                                                                  test["prob"])["accuracy"])
+  plain, same = classify.multiclass_result(val, test, n_boot=30, seed=0)
+  assert plain["recalibration"] == {"method": "none"} and same["prob"] is test["prob"]
+
+
+def test_every_task_report_reruns_an_evaluation_of_other_weights(tmp_path, capsys):
+  """runtime.current_evaluation (every task's report_sections): eval_<split>.json is reused only when written for
+  the same weights; an older json without a fingerprint, or one of other weights, is evaluated afresh."""
+  c = tiny_config(tmp_path)
+  calls = []
+
+  def run_eval(predictor, sources, workdir, split):
+    calls.append(split)
+    (tmp_path / f"eval_{split}.json").write_text(json.dumps(
+        {"split": split, "checkpoint": predictor.checkpoint, "checkpoint_fingerprint": runtime.fingerprint(predictor)}))
+  (tmp_path / "eval_test.json").write_text(json.dumps({"split": "test", "checkpoint": "/old/run"}))
+  ev = runtime.current_evaluation(_fake_predictor(c), {}, str(tmp_path), "test", run_eval)
+  assert calls == ["test"] and ev["checkpoint_fingerprint"] == runtime.fingerprint(_fake_predictor(c))
+  assert "was written for checkpoint /old/run" in capsys.readouterr().out
+  runtime.current_evaluation(_fake_predictor(c), {}, str(tmp_path), "test", run_eval)  # current now: read
+  assert calls == ["test"]
+  runtime.current_evaluation(_fake_predictor(c, w=2.0), {}, str(tmp_path), "test", run_eval)
+  assert calls == ["test", "test"]
+
+
 def test_report_names_the_classes_and_reads_each_operating_point_on_the_decision_curve(tmp_path):
   c = tiny_config(tmp_path)
   c.data.class_names = ("benign", "malignant")
@@ -122,7 +168,8 @@ def test_report_names_the_classes_and_reads_each_operating_point_on_the_decision
   ev.update(class_names=["benign", "malignant"], checkpoint="/run/best/8", checkpoint_step=8,
             checkpoint_fingerprint="f" * 16)
   ev = classify._null_to_nan(json.loads(json.dumps(metrics.json_safe(ev))))
-  page, md = classify.render_page(c, ev, {}, {}, {}, {})
+  page, md = report.render(c, classify, {**classify.report_part(c, ev), "figures": {}}, {}, {}, {}, {},
+                           {"checkpoint": "/run/best/8", "step": 8, "fingerprint": "f" * 16})
   assert "Task: malignant vs benign" in page and "abnormal" not in page
   assert "Of 100 <b>malignant</b> studies" in page and "Of 100 <b>malignant</b> patients" in page
   assert "Per patient: 40 patients" in md and "thresholds chosen on per-patient validation scores" in md

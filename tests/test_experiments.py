@@ -50,7 +50,7 @@ def test_micro_sweep_writes_the_table(tmp_path):
 def test_every_variant_override_names_a_config_key():
   for name, ablation in ablations.ABLATIONS.items():
     for variant, overrides in ablation.variants:
-      c = config_check.apply_overrides(ablations.base_config(), {**ablation.common, **overrides})
+      c = config_check.apply_overrides(ablation.config(), {**ablation.common, **overrides})
       if c.init_from:
         assert c.init_from[1:] in ablation.requires, (name, variant)
   with pytest.raises(config_check.ConfigError, match="model.nope"):

@@ -249,6 +249,53 @@ def test_every_mode_of_every_task(task_run, tmp_path):
       c2.cv.folds, c2.train.num_steps, c2.train.eval_every_steps = 2, 1, 1
       out = main.run(c2, str(tmp_path / "cv"), "cv")
       assert len(out["per_fold"]) == 2 and task.BEST_METRIC in out["summary"]
+      assert out["pooled"]["n"] == sum(f["n_heldout"] for f in out["per_fold"])  # every held-out study, once
+      assert out["stratified_by"] == "label"
+      if task.NAME == "attributes":
+        m = out["pooled"]["diameter_mm/mae"]
+        assert m["value"] > 0 and m["lo"] <= m["value"] <= m["hi"]
+        rows = list(csv.DictReader(open(tmp_path / "cv" / "oof_predictions.csv")))
+        assert len(rows) == out["pooled"]["n"] and {r["fold"] for r in rows} == {"0", "1"}
+
+
+def test_attributes_eval_and_report_of_an_external_set(task_run, tmp_path):
+  """Attributes through --mode=eval and --mode=report of an external folder (the five committed real LIDC crops,
+  whose patients the generated training set never had, and one broken file): the per-attribute table is the
+  external set's, the data section shows its build with the skipped file."""
+  task, c, workdir = task_run
+  if task.NAME != "attributes":
+    pytest.skip("the attributes task's external report (runs once, on the attributes checkpoint)")
+  import shutil
+  from lungct import main
+  root = tmp_path / "site2"
+  shutil.copytree(os.path.join(ROOT, "tests", "data", "lidc"), root)
+  rows = list(csv.DictReader(open(root / "nodules.csv")))
+  with open(root / "labels.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["filename", "mask", "patient_id", "diameter_mm", "malignancy"])
+    for r in rows:
+      w.writerow([r["filename"], r["mask"], r["patient_id"], r["diameter_mm"], r["malignancy"]])
+    w.writerow(["broken.nii.gz", rows[0]["mask"], "site2-broken", "5.0", "3"])
+  (root / "broken.nii.gz").write_bytes(b"not a nifti file")
+  ext = c.copy_and_resolve_references()
+  ext.eval.external_dir, ext.eval.external_csv = str(root), str(root / "labels.csv")
+  main.run(ext, workdir, "report")
+  saved = json.load(open(os.path.join(workdir, "eval_external.json")))
+  assert saved["split"] == "external" and saved["n"] == len(rows) == 5
+  assert saved["external"]["totals"] == {"read": 6, "kept": 5, "skipped": 1}
+  assert saved["external"]["shared_patients"] == []
+  # Its MAE is the external crops' own: the mean |reference - prediction| of predictions_external.csv.
+  pred = list(csv.DictReader(open(os.path.join(workdir, "predictions_external.csv"))))
+  by_id = {r["filename"][: -len(".nii.gz")]: float(r["diameter_mm"]) for r in rows}
+  assert sorted(p["study_id"] for p in pred) == sorted(by_id)
+  mae = float(np.mean([abs(float(p["diameter_mm_predicted"]) - by_id[p["study_id"]]) for p in pred]))
+  assert saved["targets"]["diameter_mm"]["mae"]["value"] == pytest.approx(mae, abs=1e-3)
+  page = open(os.path.join(workdir, "report.html")).read()
+  for needed in ("Attributes on the external test set", "External test set: 5 studies from 5 patients",
+                 "6 scans read, 5 kept, <b>1 skipped</b>", "broken.nii.gz", "none of them in the training dataset",
+                 f"<td>diameter_mm</td><td>continuous</td><td>5</td>"
+                 f"<td>{saved['targets']['diameter_mm']['mae']['value']:.2f} ["):
+    assert needed in page, needed
 
 
 def test_attributes_backbone_transfers_to_malignancy(task_run, tmp_path):

@@ -153,7 +153,9 @@ def test_short_training_run(seg_run):
 
 
 @pytest.mark.parametrize("mode", ["report"])
-def test_unsupported_modes_fail_at_start_with_one_line(mode, tmp_path):
+def test_unsupported_modes_fail_at_start_with_one_line(mode, tmp_path, monkeypatch):
+  """Segmentation offers every mode now; a task that lacks one (here: segmentation without it) is refused."""
+  monkeypatch.setattr(segment, "MODES", tuple(m for m in segment.MODES if m != mode))
   c = seg_config(tmp_path / "tfds")
   with pytest.raises(tasks.TaskError, match=f"--mode={mode} is not supported by config.task='segment'"):
     main.run(c, str(tmp_path / "run"), mode)
@@ -193,3 +195,13 @@ def test_segmentation_external_evaluation_through_the_task(seg_run, tmp_path):
   assert saved["external"]["totals"] == {"read": 4, "kept": 3, "skipped": 1}
   assert saved["external"]["shared_patients"] == [] and saved["summary"]["num_lesion_cases"] == 3
   assert all(0 <= case["dice"] <= 1 for case in saved["cases"])
+  # The report of the external set: its build summary, the skipped file, and Dice with a CI over its 3 cases.
+  from lungct import report
+  text = open(report.build_report(ext, workdir)).read()
+  for needed in ("Segmentation on the external test set", "External test set: 3 studies from 3 patients, 3 with "
+                 "a lesion", "4 scans read, 3 kept, <b>1 skipped</b>", "flat.nii.gz",
+                 "none of them in the training dataset", "Lesion volume, predicted vs reference (external test set)"):
+    assert needed in text, needed
+  dice = float(np.mean([case["dice"] for case in saved["cases"]]))
+  row = next(r for r in segment.report_table(saved["cases"], n_boot=20, seed=0)[1] if r[0] == "Dice")
+  assert row[2] == "3" and row[3].startswith(f"{dice:.3f} (")

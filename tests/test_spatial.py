@@ -2,7 +2,11 @@
 
 Each model is run through a small jitted SGD step (not train.py's) once on one device and once under
 `jax.set_mesh` of a (2, 4) mesh with the images sharded P("data", "space"): loss, gradient norm, updated
-parameters and BatchNorm statistics must agree to float tolerance, the compiled step must exchange halos with
+parameters and BatchNorm statistics must be as close to the float64 one-device step as the float32 one-device
+step is, within a factor 16 (tests/float_noise.py derives the bound; the float32 noise is measured in the same
+run, so the bound follows the CPU's kernels and ISA: the test passes natively, with ONEDNN_MAX_CPU_ISA=AVX2 and
+with XLA_FLAGS=--xla_cpu_max_isa=AVX2, and a halo or shard defect exceeds it by orders of magnitude), the
+compiled step must exchange halos with
 collective-permute, and the per-device temporary memory (activations) must drop. The U-Net also runs
 sliding-window inference with a spatially sharded predictor. Runs in a subprocess because the device count is
 fixed when JAX starts and the other tests use one device.
@@ -17,36 +21,46 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
-    import sys, traceback
-    import jax, jax.numpy as jnp, numpy as np, optax
+    import functools, sys, traceback
+    import jax
+    jax.config.update("jax_enable_x64", True)   # for the float64 reference; the float32 runs stay float32 (checked)
+    import jax.numpy as jnp, numpy as np, optax
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from lungct import sharding
     from lungct.models import CNN3D, ResNet3D, UNet3D, numpy_variables
+    from tests import float_noise
     assert jax.device_count() == 8, jax.devices()
     LR = 0.1
+    SEED = int(sys.argv[1])
+    to64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)
+
+    def no_f64_math(compiled):   # float32 all through despite x64 being on
+      wide = [l for l in compiled.as_text().splitlines() if ("convolution(" in l or " dot(" in l) and "f64" in l]
+      assert not wide, wide[:3]
 
     def check(name):
       # CNN: VALID convs, depths 40 -> 38 -> 19 -> 17 -> 8 -> 6 -> 3 (uneven splits included).
       shape = {"cnn3d": (4, 40, 24, 24, 1)}.get(name, (4, 32, 16, 16, 1))
-      def build():
+      def build(dtype=jnp.float32):
         if name == "cnn3d":
-          return CNN3D(num_outputs=1, features=(4, 8, 8), dense=8, dropout=0.3, rngs=nnx.Rngs(0))
+          return CNN3D(num_outputs=1, features=(4, 8, 8), dense=8, dropout=0.3, dtype=dtype, rngs=nnx.Rngs(0))
         if name == "resnet3d":
-          return ResNet3D(num_outputs=1, depth=10, width=4, rngs=nnx.Rngs(0))
-        return UNet3D(num_outputs=1, features=(4, 8, 16), rngs=nnx.Rngs(0))
+          return ResNet3D(num_outputs=1, depth=10, width=4, dtype=dtype, rngs=nnx.Rngs(0))
+        return UNet3D(num_outputs=1, features=(4, 8, 16), dtype=dtype, rngs=nnx.Rngs(0))
 
       # Shapes only, values from numpy (He-normal kernels, BN scale/var 1, the rest 0): compiling the models' own
       # random initialisers takes ~30 s of CPU per model here, for nothing this test needs.
-      rng = np.random.default_rng(0)
+      rng = np.random.default_rng(SEED)
       graphdef, params, stats = numpy_variables(build, rng)
+      graphdef64 = numpy_variables(lambda: build(jnp.float64), np.random.default_rng(0))[0]
       images = rng.standard_normal(shape, dtype=np.float32)
       if name == "unet3d":
         labels = (images[..., 0] > 0.5).astype(np.float32)[..., None]
       else:
         labels = np.array([0, 1, 1, 0], np.float32)[:, None]
 
-      def step(params, stats, x, y, key):
+      def step(params, stats, x, y, key, graphdef=graphdef):
         def loss_fn(p):
           m = nnx.merge(graphdef, p, stats)
           logits = m(x, train=True, dropout_key=key)
@@ -56,11 +70,15 @@ SCRIPT = textwrap.dedent("""
         new = jax.tree.map(lambda p, d: p - LR * d, params, g)   # SGD: linear in the gradient
         return loss, optax.global_norm(g), new, new_stats
 
-      key = jax.random.PRNGKey(1)
+      key = jax.random.PRNGKey(1 + SEED)
       one = jax.jit(step)
       one = one.lower(params, stats, images, labels, key).compile()   # compiled once, called once
+      no_f64_math(one)
       l1, g1, p1, s1 = one(params, stats, images, labels, key)
       mem1 = one.memory_analysis().temp_size_in_bytes
+      # The reference: the same step on one device in float64 (same draws: dropout keys do not depend on dtype).
+      step64 = jax.jit(functools.partial(step, graphdef=graphdef64))
+      l64, g64, p64, s64 = step64(to64(params), to64(stats), images.astype(np.float64), labels.astype(np.float64), key)
 
       mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "space"))
       repl = NamedSharding(mesh, P())
@@ -73,23 +91,23 @@ SCRIPT = textwrap.dedent("""
         x = jax.device_put(images, img_sh)
         assert len(x.addressable_shards) == 8 and x.addressable_shards[0].data.shape == (2, shape[1] // 4, *shape[2:])
         compiled = spatial.lower(params, stats, x, labels, key).compile()
+        no_f64_math(compiled)
         l8, g8, p8, s8 = compiled(params, stats, x, labels, key)
       hlo = compiled.as_text()
       mem8 = compiled.memory_analysis().temp_size_in_bytes
       print(name, "loss", float(l1), float(l8), "grad norm", float(g1), float(g8))
       print(name, "temp bytes per device: 1 device", mem1, "(2, 4) mesh", mem8, "ratio", mem8 / mem1)
-      np.testing.assert_allclose(float(l8), float(l1), rtol=1e-5)
-      np.testing.assert_allclose(float(g8), float(g1), rtol=1e-4)
-      worst = 0.0
-      for a, b, p0 in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), jax.tree.leaves(params)):
-        update = float(np.abs(np.asarray(a) - np.asarray(p0)).max())
-        diff = float(np.abs(np.asarray(a) - np.asarray(b)).max())
-        if update > 1e-6:
-          worst = max(worst, diff / update)
-        assert diff <= 1e-3 * update + 1e-7, (diff, update)
-      print(name, "max |p1 - p8| / max |update| (leaves with updates > 1e-6)", worst)
-      for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+      # Each float32 result against the float64 reference, within 16x the one-device float32 error
+      # (tests/float_noise.py derives the bound).
+      worst = float_noise.check_trees(name + " loss, grad norm", [l1, g1], [l8, g8], [l64, g64])
+      paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p1)]
+      worst = max(worst, float_noise.check_trees(name + " params", jax.tree.leaves(p1), jax.tree.leaves(p8),
+                                                 jax.tree.leaves(p64), paths))
+      worst = max(worst, float_noise.check_trees(name + " batch stats", jax.tree.leaves(s1), jax.tree.leaves(s8),
+                                                 jax.tree.leaves(s64)))
+      moved = [float(np.abs(np.asarray(r) - p0).max() / (np.abs(np.asarray(r)).max() + 1e-30))
+               for r, p0 in zip(jax.tree.leaves(p64), jax.tree.leaves(params))]
+      assert min(moved) > 100 * float_noise.U32, "a parameter did not move: the check would see nothing there"
       # Halo exchange between depth neighbours, and the activations really are split (not gathered).
       assert "collective-permute" in hlo, "no halo exchange in the partitioned step"
       assert mem8 < 0.4 * mem1, (mem8, mem1)
@@ -108,10 +126,15 @@ SCRIPT = textwrap.dedent("""
           assert "collective-permute" in pred8.as_text()
           out = sliding_window_inference(lambda w: pred8(p1, s1, jax.device_put(w, img_sh)), volume, roi, 0.25,
                                          sw_batch_size=2)
+        g64_, p64_, s64_ = graphdef64, to64(p1), to64(s1)
+        pred64 = jax.jit(lambda p, s, x: jax.nn.sigmoid(nnx.merge(g64_, p, s)(x, train=False)))
+        ref64 = sliding_window_inference(lambda w: pred64(p64_, s64_, np.asarray(w, np.float64)), volume, roi, 0.25,
+                                         sw_batch_size=2)
         print(name, "sliding window max |diff|", float(np.abs(out - ref).max()))
         assert out.shape == (1, 40, 20, 20, 1)
-        np.testing.assert_allclose(out, ref, atol=2e-5)
-    for name in sys.argv[1:]:
+        worst = max(worst, float_noise.check_trees(name + " sliding window", [ref], [out], [ref64]))
+      print(name, f"WORST {worst:.4f}")
+    for name in sys.argv[2:]:
       try:
         check(name)
         print("OK", name)
@@ -120,11 +143,15 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+SEED = os.environ.get("LUNGCT_TEST_SEED", "0")   # another seed: LUNGCT_TEST_SEED=1 python -m pytest ...
+
+
 def _run(*args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, "-c", SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
+  """XLA_FLAGS from the environment are kept (e.g. --xla_cpu_max_isa=AVX2 runs the test on AVX2 code)."""
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"),
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-c", SCRIPT, SEED, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
 
 
 MODELS = ("cnn3d", "resnet3d", "unet3d")

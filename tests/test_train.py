@@ -45,6 +45,10 @@ def test_loss_goes_down_and_files_written(data_dir, tmp_path):
   assert os.listdir(tmp_path / "tensorboard")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["15", "30"]
   assert len(os.listdir(tmp_path / "best")) == 1
+  took = m["time_s"]  # where the wall time went, by phase: together they are the run, each counted once
+  assert set(took) == {"setup", "first_step", "train_steps", "evaluation", "checkpoints", "final_evaluation"}
+  assert all(v > 0 for v in took.values()), took
+  assert 0.8 * m["wall_time_s"] <= sum(took.values()) <= m["wall_time_s"] + 0.05, (took, m["wall_time_s"])
 
 
 def test_resume_gives_identical_parameters(data_dir, tmp_path):

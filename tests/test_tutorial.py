@@ -55,3 +55,21 @@ def test_committed_notebook_matches_source():
   assert not missing, f"notebook cells not in docs/tutorial.py (rerun jupytext and execute): {missing}"
   n_source_cells = sum(1 for line in source.splitlines() if line.startswith("# %%") and "[markdown]" not in line)
   assert len(code) == n_source_cells
+
+
+def test_rendered_per_100_text_is_what_the_code_prints():
+  """The rendered copies (docs/tutorial.md and the notebook's outputs) hold the per-100 sentences as
+  `classify.per_100` prints them today for the sensitivity and specificity they show."""
+  import re
+  from lungct import report
+  from lungct.tasks import classify
+  line = re.compile(r"(\S+) \(t = [0-9.]+\): (.*\(sensitivity ([0-9.]+)\).*\(specificity ([0-9.]+)\)\.)")
+  nb = json.load(open(NOTEBOOK))
+  outputs = ["".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+  for name, text in (("tutorial.md", open(os.path.join(ROOT, "docs", "tutorial.md")).read()),
+                     ("tutorial.ipynb", "\n".join(outputs))):
+    found = [m for m in map(line.search, text.splitlines()) if m]
+    assert len(found) >= 2, name
+    for m in found:
+      ops = {"sensitivity": {"value": float(m.group(3))}, "specificity": {"value": float(m.group(4))}}
+      assert m.group(2) == report._strip(classify.per_100(ops)), (name, m.group(1))

@@ -98,6 +98,7 @@ def test_cv_never_reads_the_held_out_fold_before_scoring_it(guarded, tmp_path):
     assert int(r["prediction"]) == int(float(r["probability"]) >= float(r["threshold"]))
   assert len({(r["fold"], r["threshold"]) for r in rows}) == 2  # one threshold per fold
   md = open(tmp_path / "cv" / "cv_summary.md").read()
+  assert "Folds stratified by label." in md and out["stratified_by"] == "label"
   assert "inner validation split" in md and "Pooled out-of-fold estimate over all" in md and "| roc_auc |" in md
   saved = json.load(open(tmp_path / "cv" / "cv_summary.json"))
   assert saved["selection"] == "inner" and saved["pooled"]["n"] == n_pool
@@ -127,6 +128,25 @@ def test_inner_split_is_by_patient_and_stratified():
   assert set(other.tolist()) != set(val.tolist())  # the seed moves it
   with pytest.raises(Exception, match="config.cv.selection"):
     evaluate.cross_validate(tiny_config("/nonexistent", **{"cv.selection": "best"}), "/nonexistent")
+
+
+def test_cv_strata_say_what_the_folds_are_stratified_on():
+  """A labels CSV without a label column (attributes: label -1 for every study) is grouped by patient only, and
+  cv says so; a study without a label among labelled ones is a stratum of its own."""
+  c = tiny_config("/nonexistent")
+  rows = lambda labels: [{"label": y, "grade": -1, "patient_id": f"p{i}"} for i, y in enumerate(labels)]  # noqa
+  strata, what = evaluate.cv_strata(c, rows([1, 0, 1, 0]))
+  assert strata.tolist() == [1, 0, 1, 0] and what == "label"
+  strata, what = evaluate.cv_strata(c, rows([-1] * 6))
+  assert strata.tolist() == [0] * 6 and what.startswith("nothing: no study has a label")
+  folds = evaluate.stratified_group_kfold(strata, [f"p{i}" for i in range(6)], 3)
+  assert sorted(np.concatenate(folds).tolist()) == list(range(6)) and [len(f) for f in folds] == [2, 2, 2]
+  strata, what = evaluate.cv_strata(c, rows([1, -1, 0, 1, 0, -1]))
+  assert strata.tolist() == [2, 0, 1, 2, 1, 0] and what == "label (2 studies without one form a stratum of their own)"
+  folds = evaluate.stratified_group_kfold(strata, [f"p{i}" for i in range(6)], 2)
+  assert [sorted(strata[f].tolist()) for f in folds] == [[0, 1, 2]] * 2   # every stratum split evenly
+  with pytest.raises(ValueError, match="labels must be >= 0"):
+    evaluate.stratified_group_kfold([-1] * 6, [f"p{i}" for i in range(6)], 3)
 
 
 # ----------------------------------------------------------------------------- external validation

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from lungct import sharding
 from lungct.models import common
 
-_KERNEL_INIT = nnx.initializers.glorot_uniform()  # Keras default
+_KERNEL_INIT = common.kernel_init(nnx.initializers.glorot_uniform())  # Keras default
 
 
 def min_input_size(num_blocks: int, padding: str) -> int:

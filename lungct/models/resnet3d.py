@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from lungct import sharding
 from lungct.models import common
 
-_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_CONV_INIT = common.kernel_init(nnx.initializers.variance_scaling(2.0, "fan_out", "normal"))
 
 # depth -> (block type, blocks per stage)
 STAGES = {

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 from lungct import sharding
 from lungct.models import common
 
+# nnx.Conv's own default (LeCun normal), drawn on the kernel's 3-D view: common.kernel_init
+_KERNEL_INIT = common.kernel_init(nnx.initializers.lecun_normal())
+
 
 class DoubleConv(nnx.Module):
   """(Conv3D 3x3x3 SAME -> BatchNorm -> relu) x 2."""
@@ -23,9 +26,11 @@ class DoubleConv(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, dtype: Any, rngs: nnx.Rngs,
                bn_momentum: float = 0.9):
     kw = dict(dtype=dtype, param_dtype=common.PARAM_DTYPE, rngs=rngs)
-    self.conv1 = nnx.Conv(in_features, out_features, (3, 3, 3), padding="SAME", use_bias=False, **kw)
+    self.conv1 = nnx.Conv(in_features, out_features, (3, 3, 3), padding="SAME", use_bias=False,
+                          kernel_init=_KERNEL_INIT, **kw)
     self.bn1 = nnx.BatchNorm(out_features, momentum=bn_momentum, **kw)
-    self.conv2 = nnx.Conv(out_features, out_features, (3, 3, 3), padding="SAME", use_bias=False, **kw)
+    self.conv2 = nnx.Conv(out_features, out_features, (3, 3, 3), padding="SAME", use_bias=False,
+                          kernel_init=_KERNEL_INIT, **kw)
     self.bn2 = nnx.BatchNorm(out_features, momentum=bn_momentum, **kw)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -51,12 +56,12 @@ class UNet3D(nnx.Module):
     self.down = nnx.List([DoubleConv(widths[i], widths[i + 1], **kw) for i in range(len(features))])
     self.up = nnx.List([
         common.ConvTranspose(features[i + 1], features[i], (2, 2, 2), (2, 2, 2), padding="SAME",
-                          dtype=dtype, param_dtype=common.PARAM_DTYPE, rngs=rngs)
+                             kernel_init=_KERNEL_INIT, dtype=dtype, param_dtype=common.PARAM_DTYPE, rngs=rngs)
         for i in reversed(range(len(features) - 1))])
     self.merge = nnx.List([DoubleConv(2 * features[i], features[i], **kw)
                            for i in reversed(range(len(features) - 1))])
     self.dropout = nnx.Dropout(dropout)  # at the bottleneck; the key comes with each call
-    self.head = nnx.Conv(features[0], num_outputs, (1, 1, 1), dtype=dtype,
+    self.head = nnx.Conv(features[0], num_outputs, (1, 1, 1), kernel_init=_KERNEL_INIT, dtype=dtype,
                          param_dtype=common.PARAM_DTYPE, rngs=rngs)
     common.set_conv_impl(self, conv_impl)  # "xla" | "im2col" | "onednn": same parameters and outputs
 

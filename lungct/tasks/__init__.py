@@ -5,6 +5,9 @@ tasks offering --mode=predict also satisfy `Predicts`, tasks offering --mode=rep
 task declares is read from here by the rest of the code: the task names (`config.task`'s choices), its config
 group and execution keys (`config_check`, inference), its best and headline metrics (`train`).
 
+Optional: ``pool_out_of_fold(oof, config, workdir) -> dict`` pools --mode=cv's held-out cases (one `evaluate`
+result per fold) into one estimate when `lungct.evaluate.pool_out_of_fold` cannot from their shape (attributes).
+
 Adding a task is one new module here, one entry in TASKS, and a config that sets `config.task`.
 """
 from __future__ import annotations
@@ -69,9 +72,11 @@ class Predicts(Protocol):
 class Reports(Protocol):
   """--mode=report: `lungct.report` writes the page; the task gives its title, sections and figures."""
 
-  def report_sections(self, predictor, sources: dict, workdir: str, out_dir: str) -> dict:
-    """{"title", "test_line", "checkpoint_step", "sections": [(heading, [blocks])], "figures": {caption: png},
-    "limitations"} for `lungct.report` to render, or {"page": (html, markdown)}: a page the task renders itself."""
+  def report_sections(self, predictor, sources: dict, workdir: str, out_dir: str, split: str) -> dict:
+    """The task's part of the page about ``split`` ("test", or "external": the external set, already evaluated
+    into eval_external.json): {"title", "test_line" (the evaluated set in one line), "sections": [(heading,
+    [blocks])], "figures": {caption: png in out_dir}, "limitations": [html], optional "curves": extra
+    metrics.jsonl series for the training curves}; `lungct.report` lays out the page around it."""
 
 
 TASKS: dict[str, types.ModuleType] = {m.NAME: m for m in (classify, segment, attributes)}

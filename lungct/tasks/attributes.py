@@ -256,13 +256,16 @@ def with_confidence(pred: dict, config, *, n_boot: int, seed: int) -> dict[str, 
   return result
 
 
-def write_predictions(path: str, pred: dict, config) -> None:
+def write_predictions(path: str, pred: dict, config, fold=None) -> None:
+  """One row per study: ids, then each target's reference (empty = missing) and prediction; ``fold`` (one per
+  study, cross-validation's out-of-fold table) as a first column."""
   targets = targets_of(config)
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["study_id", "patient_id"] + [f"{t.name}{s}" for t in targets for s in ("", "_predicted")])
+    w.writerow((["fold"] if fold is not None else []) + ["study_id", "patient_id"]
+               + [f"{t.name}{s}" for t in targets for s in ("", "_predicted")])
     for i in range(len(pred["pred"])):
-      row = [pred["study_id"][i], pred["patient_id"][i]]
+      row = ([int(fold[i])] if fold is not None else []) + [pred["study_id"][i], pred["patient_id"][i]]
       for t in targets:
         y = pred["targets"][i, t.column]
         row += ["" if not np.isfinite(y) else f"{y:g}", f"{pred['pred'][i, t.column]:.4f}"]
@@ -276,6 +279,7 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
   apply = make_apply(v.graphdef, predictor.mesh, config)
   pred = predict_split(apply, v, predictor.mesh, sources[split], config)
   result = {"split": split, "checkpoint": predictor.checkpoint, "checkpoint_step": predictor.step,
+            "checkpoint_fingerprint": runtime.fingerprint(predictor),
             "n": int(len(pred["pred"])), "n_patients": int(len(set(np.asarray(pred["patient_id"]).tolist()))),
             "summary": summarize(pred, config),
             "targets": with_confidence(pred, config, n_boot=config.eval.n_boot, seed=config.seed)}
@@ -287,6 +291,20 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
     print("\n".join(summary_lines(result)))
     print(f"Wrote {path} and predictions_{split}.csv")
   return result
+
+
+def pool_out_of_fold(oof: list[dict], config, workdir: str) -> dict:
+  """--mode=cv: every study's out-of-fold prediction (each from the fold that held it out) in one table,
+  oof_predictions.csv (with its fold), and each target's metrics over all of them with 95% patient-bootstrap
+  CIs, as "<target>/<metric>"."""
+  pred = {k: np.concatenate([np.asarray(c[k]) for c in oof]) for k in ("pred", "targets", "study_id", "patient_id")}
+  fold = np.concatenate([np.full(len(c["pred"]), i) for i, c in enumerate(oof)])
+  per = with_confidence(pred, config, n_boot=int(config.eval.n_boot), seed=int(config.seed))
+  if runtime.is_main_process():
+    write_predictions(os.path.join(workdir, "oof_predictions.csv"), pred, config, fold=fold)
+  return {"level": "study", "n": int(len(pred["pred"])),
+          "n_patients": int(len(set(np.asarray(pred["patient_id"]).tolist()))),
+          **{f"{name}/{k}": v for name, e in per.items() for k, v in e.items() if isinstance(v, dict)}}
 
 
 def _ci(m: dict, digits: int = 2) -> str:
@@ -342,30 +360,27 @@ def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
   return predict_one
 
 
-def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, out_dir: str) -> dict:
-  """The per-attribute table with CIs and the predicted-vs-reference plots of the test split."""
+def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, out_dir: str, split: str) -> dict:
+  """The per-attribute table with CIs and the predicted-vs-reference plots of ``split`` (test, or the external
+  set); its eval_<split>.json is rerun when missing or written for other weights."""
   from lungct import viz
   config = predictor.config
-  ev_path = os.path.join(workdir, "eval_test.json")
-  if os.path.exists(ev_path):
-    with open(ev_path) as f:
-      result = metrics.null_to_nan(json.load(f))
-  else:
-    result = metrics.null_to_nan(metrics.json_safe(run_eval(predictor, sources, workdir, "test")))
+  result = metrics.null_to_nan(runtime.current_evaluation(predictor, sources, workdir, split, run_eval))
   v = predictor.variables
-  pred = predict_split(make_apply(v.graphdef, predictor.mesh, config), v, predictor.mesh, sources["test"], config)
+  pred = predict_split(make_apply(v.graphdef, predictor.mesh, config), v, predictor.mesh, sources[split], config)
   panels = [{"name": t.name, "y": pred["targets"][np.isfinite(pred["targets"][:, t.column]), t.column],
              "p": pred["pred"][np.isfinite(pred["targets"][:, t.column]), t.column],
              "levels": list(range(1, t.levels + 1)) if t.is_rating else None,
              "unit": "mm" if t.name.endswith("_mm") else ""} for t in targets_of(config)]
-  figs = {"Predicted vs reference (test split)": viz.save(viz.predicted_vs_reference(panels),
-                                                          os.path.join(out_dir, "predicted_vs_reference.png"))}
+  where = "external test set" if split == "external" else f"{split} split"
+  figs = {f"Predicted vs reference ({where})": viz.save(viz.predicted_vs_reference(panels),
+                                                        os.path.join(out_dir, "predicted_vs_reference.png"))}
   head, rows = table(result)
   return {
       "title": "nodule attributes (" + ", ".join(config.data.targets) + ")",
-      "test_line": f"Test set: {result['n']} studies from {result['n_patients']} patients.",
-      "checkpoint_step": result.get("checkpoint_step"),
-      "sections": [("Attributes on the test split", [
+      "test_line": f"{'External test' if split == 'external' else 'Test'} set: {result['n']} studies from "
+                   f"{result['n_patients']} patients.",
+      "sections": [(f"Attributes on the {where}", [
           ("p", "Each attribute with a 95% bootstrap confidence interval (patients resampled with all their "
                 f"studies, {config.eval.n_boot} draws). MAE and RMSE are in the attribute's units (mm for a "
                 "diameter, rating levels for a rating); exact and within-one agreement and the quadratic-weighted "

@@ -6,7 +6,6 @@ adds bootstrap confidence intervals at operating thresholds chosen on validation
 from __future__ import annotations
 
 import csv
-import datetime
 import html
 import json
 import os
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lungct import checkpoint, inferers, interpret, metrics, runtime, viz
+from lungct import inferers, interpret, metrics, runtime, viz
 from lungct.data import augment as augment_lib
 from lungct.data import pipeline
 
@@ -169,12 +168,13 @@ def operating_point_table(y_val, p_val, y, p, groups, *, level: str, n_boot: int
   return table
 
 
-def recalibrate(val: dict, test: dict, method: str) -> tuple[dict, dict, dict]:
+def recalibrate(val: dict, test: dict, method: str, key: str = "label") -> tuple[dict, dict, dict]:
   """(val, test, record): with method "temperature", a temperature fitted on the validation probabilities
-  (through their logits) applied to both splits; ``prob_uncalibrated`` keeps the model's own output."""
+  (through their logits; (N,) P(class 1) against ``key`` "label", or (N, K) class probabilities against
+  "grade") applied to both splits; ``prob_uncalibrated`` keeps the model's own output."""
   if method == "none":
     return val, test, {"method": "none"}
-  temperature = metrics.fit_temperature(val["label"], metrics.logits_of(val["prob"]))
+  temperature = metrics.fit_temperature(val[key], metrics.logits_of(val["prob"]))
   if not np.isfinite(temperature):
     return val, test, {"method": method, "temperature": None,
                        "undefined": "the validation split holds one class: no temperature to fit; "
@@ -196,6 +196,29 @@ def _calibration(y, p, groups, n_boot, seed) -> dict:
   bins = {k: np.asarray(v).tolist() for k, v in metrics.calibration_bins(y, p).items()}
   ci = metrics.bootstrap_ci(y, p, metrics.expected_calibration_error, groups=groups, n_boot=n_boot, seed=seed)
   return {**bins, "ece": {"value": ci.point, "lo": ci.lo, "hi": ci.hi, "n_used": ci.n_used}}
+
+
+def top_label(pred: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(correct, confidence) of a K-class prediction: whether the argmax is the grade, and its probability."""
+  prob = np.asarray(pred["prob"], dtype=np.float64)
+  return (np.argmax(prob, axis=1) == np.asarray(pred["grade"])).astype(int), prob.max(axis=1)
+
+
+def multiclass_result(val: dict, test: dict, *, calibration: str = "none", n_boot: int = 1000,
+                      seed: int = 0) -> tuple[dict, dict]:
+  """(result, test) of a K-class evaluation: `metrics.multiclass_metrics` of ``test``; with calibration
+  "temperature", one temperature fitted on ``val`` (softmax(log p / T)) applied to ``test``, which leaves the
+  argmax and the AUCs unchanged, and the top-label calibration (confidence = the highest probability against
+  the accuracy of the argmax: ECE with a patient-bootstrap CI and its bins) before and after."""
+  raw = test
+  val, test, record = recalibrate(val, test, calibration, key="grade")
+  if record.get("temperature") is not None:
+    groups = test["patient_id"]
+    record["kind"] = "top-label (confidence = highest class probability, accuracy of the argmax)"
+    record["before"] = _calibration(*top_label(raw), groups, n_boot, seed)
+    record["after"] = _calibration(*top_label(test), groups, n_boot, seed)
+  return {"n": int(len(test["grade"])), "metrics": metrics.multiclass_metrics(test["grade"], test["prob"]),
+          "recalibration": record}, test
 
 
 def with_confidence(val: dict, test: dict, *, n_boot: int = 1000, seed: int = 0,
@@ -294,37 +317,34 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
       test = {**test, "prob_uncalibrated": test["prob"], "prob": calibrated(test["prob"], result["recalibration"])}
     threshold, rule = decision_threshold(result)
   else:
-    result = {"n": int(len(test["grade"])), "metrics": metrics.multiclass_metrics(test["grade"], test["prob"])}
+    result, test = multiclass_result(val, test, calibration=config.eval.get("calibration", "none"),
+                                     n_boot=config.eval.n_boot, seed=config.seed)
     threshold, rule = 0.5, "argmax"
   result.update(split=split, checkpoint=predictor.checkpoint, checkpoint_step=predictor.step,
-                checkpoint_fingerprint=checkpoint.fingerprint(v.params, v.batch_stats), decision_rule=rule)
+                checkpoint_fingerprint=runtime.fingerprint(predictor), decision_rule=rule)
   if runtime.is_main_process():
     with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
       json.dump(metrics.json_safe(result), f, indent=2, allow_nan=False)
     write_predictions(os.path.join(workdir, f"predictions_{split}.csv"), test, threshold)
     if config.data.label == "binary":
       print(_summary_line(split, result))
+    elif result["recalibration"].get("temperature") is not None:
+      rec = result["recalibration"]
+      print(f"{split}: temperature {rec['temperature']:.3f} fitted on validation: top-label ECE "
+            f"{_ci(rec['before']['ece'])} -> {_ci(rec['after']['ece'])}")
     print(f"Wrote {workdir}/eval_{split}.json and predictions_{split}.csv")
   return result
 
 
 def load_eval(workdir: str, split: str, predictor: runtime.Predictor) -> tuple[dict | None, str]:
   """(eval_<split>.json, "") when --mode=eval wrote it for ``predictor``'s checkpoint (same fingerprint of
-  the arrays) with the current eval.calibration; else (None, why it cannot be used)."""
-  path = os.path.join(workdir, f"eval_{split}.json")
-  if not os.path.exists(path):
-    return None, f"no {path}"
-  with open(path) as f:
-    ev = json.load(f)
-  v = predictor.variables
-  mine = checkpoint.fingerprint(v.params, v.batch_stats)
-  if ev.get("checkpoint_fingerprint") != mine:
-    return None, (f"{path} was written for checkpoint {ev.get('checkpoint')} (step {ev.get('checkpoint_step')}, "
-                  f"fingerprint {ev.get('checkpoint_fingerprint')}), not for {predictor.checkpoint} "
-                  f"(step {predictor.step}, fingerprint {mine})")
+  the arrays, `runtime.load_evaluation`) with the current eval.calibration; else (None, why it cannot be used)."""
+  ev, why = runtime.load_evaluation(workdir, split, predictor)
+  if ev is None:
+    return None, why
   method = predictor.config.eval.get("calibration", "none")
   if ev.get("recalibration", {}).get("method", "none") != method:
-    return None, (f"{path} was written with eval.calibration="
+    return None, (f"{os.path.join(workdir, f'eval_{split}.json')} was written with eval.calibration="
                   f"{ev.get('recalibration', {}).get('method', 'none')!r}, not {method!r}")
   return ev, ""
 
@@ -440,56 +460,94 @@ def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
 
 # ----------------------------------------------------------------------------- --mode=report
 
-def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, out_dir: str,
-                    split: str = "test") -> dict:
-  """The whole classification page (`render_page`: metrics with CIs at each operating point per study and per
-  patient, recalibration, per-100 and net-benefit wording, ROC / confusion / reliability / decision-curve and
-  Grad-CAM figures) of ``split`` (test, or "external": `lungct.evaluate`'s external set, which the report
-  evaluates first); --mode=eval is run first when its result is missing or from another checkpoint."""
-  from lungct.data import lung_ct
+def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, out_dir: str, split: str) -> dict:
+  """The classification part of the report (`report_part`: metrics with CIs at each operating point per study
+  and per patient, recalibration, per-100 and net-benefit wording; ROC / confusion / reliability /
+  decision-curve and Grad-CAM figures) of ``split`` (test, or "external": `lungct.evaluate`'s external set);
+  --mode=eval is run first when its result is missing or from another checkpoint or calibration."""
   config = predictor.config
   _need_binary(config, "report")
-  ev, why = load_eval(workdir, split, predictor)
-  if ev is None:  # missing, or written for another checkpoint or calibration: evaluate this one
-    print(f"report: {why}; running --mode=eval on the {split} split for {predictor.checkpoint}.")
-    run_eval(predictor, sources, workdir, split)
-    ev, why = load_eval(workdir, split, predictor)
-    if ev is None:
-      raise RuntimeError(f"report: {why}")
-  ev = _null_to_nan(ev)
+  ev = _null_to_nan(runtime.current_evaluation(predictor, sources, workdir, split, run_eval, load=load_eval))
   v = predictor.variables
   test_pred = predict_split(make_apply(v.graphdef, predictor.mesh, config), v, predictor.mesh, sources[split],
                             config)
   test_pred["prob"] = calibrated(test_pred["prob"], ev.get("recalibration"))
-  figs = make_figures(config, workdir, ev, test_pred, out_dir)
+  figs = make_figures(config, ev, test_pred, out_dir)
   figs.update(gradcam_figures(config, predictor, sources[split], test_pred, _decision(ev)[0], out_dir))
-  try:
-    build = lung_ct.read_build_report(lung_ct.builder_for(config.data))
-  except OSError:
-    build = {}
-  summary = {}
-  mpath = os.path.join(workdir, "metrics.json")
-  if os.path.exists(mpath):
-    with open(mpath) as f:
-      summary = json.load(f)
-  page, md = render_page(config, ev, figs, build, summary,
-                         {s: len(x) for s, x in sources.items() if s in ("train", "validation", "test")})
-  return {"page": (page, md)}
+  return {**report_part(config, ev), "figures": figs}
 
 
-LIMITATIONS_SYNTHETIC = (
-    "The data are <b>synthetic phantoms</b> generated by lungct, not patient scans: the numbers show that the "
-    "pipeline works, not how a model would perform on real CT.")
-LIMITATIONS_COMMON = [
-    "Small test sets give wide confidence intervals: read the interval, not only the point value.",
+LIMITATIONS = [
     "Thresholds were chosen on the validation split and applied unchanged to the test split; a new site, "
     "scanner or population needs its own validation before any threshold is trusted.",
-    "The model sees one preprocessed volume per study (fixed HU window and size); it knows nothing of the "
-    "patient's history, symptoms or prior imaging.",
     "Heatmaps (Grad-CAM) show where the model's evidence came from, not where disease is; they can highlight "
     "artefacts.",
-    "This is a research tool. It is <b>not a medical device and not for diagnosis</b>.",
 ]
+CURVES = ("train/accuracy", "val/sensitivity", "val/specificity")  # drawn besides losses, best and headline
+
+
+def report_part(config, ev: dict) -> dict:
+  """Title, test-set line, sections (as `lungct.report` blocks) and limitations of an evaluation ``ev``
+  (eval_<split>.json, nulls read as NaN); `lungct.report.render` lays them out with the rest of the page."""
+  external = ev.get("split") == "external"
+  where = "the external test set" if external else "the test split"
+  names = tuple(ev.get("class_names") or class_names(config))
+  ops = ev["operating_points"]
+  pl = ev.get("patient_level") or {}
+  multi = pl.get("max_studies_per_patient", 1) > 1
+  test_line = (f"External test set: {ev['n']} studies from {ev['n_patients']} patients, {ev['n_positive']} "
+               f"{names[1]}; thresholds from the internal validation split." if external else
+               f"Test set: {ev['n']} studies from {ev['n_patients']} patients, {ev['n_positive']} {names[1]}.")
+  rec = ev.get("recalibration", {"method": "none"})
+  if rec.get("temperature") is not None:
+    cal_line = (f"Probabilities are recalibrated by temperature scaling: T = {rec['temperature']:.3f}, fitted on the "
+                f"validation split (a T above 1 softens over-confident outputs; ranking and AUC are unchanged). "
+                f"Test ECE {_fmt(rec['before']['ece'])} before, <b>{_fmt(rec['after']['ece'])}</b> after. Every "
+                f"number below uses the recalibrated probabilities.")
+  elif rec.get("undefined"):
+    cal_line = f"Recalibration was requested but not possible: {rec['undefined']}."
+  else:
+    cal_line = (f"No recalibration (eval.calibration = 'none'); test ECE {_fmt(ev['calibration']['ece'])}. With "
+                f"--config.eval.calibration=temperature, --mode=eval fits a temperature on validation.")
+  results = [
+      ("p", f"Values are point estimates with 95% bootstrap confidence intervals (patients resampled, "
+            f"{config.eval.n_boot} draws). Each column is one operating threshold chosen on the validation split: "
+            f"the conventional 0.5, the threshold maximising sensitivity + specificity (Youden's J), and the "
+            f"highest thresholds reaching a target sensitivity."),
+      ("p", cal_line),
+      ("h3", "Per study: each study is one case; thresholds chosen on per-study validation scores"),
+      ("table", *metric_table(ops))]
+  if multi:
+    results += [("h3", f"Per patient: {pl['n_patients']} patients ({pl['n_positive']} with a {names[1]} study); a "
+                       f"patient is positive if any study is and scores its highest probability; thresholds chosen "
+                       f"on per-patient validation scores"),
+                ("table", *metric_table(pl["operating_points"]))]
+  interp = []
+  for name, op in ops.items():
+    if op.get("threshold") is None:
+      interp.append(f"<b>{name}</b>: undefined — {html.escape(op['undefined'])}.")
+      continue
+    interp.append(f"<b>{name}</b> (threshold {op['threshold']:.3f}, per study): {per_100(op['metrics'], names)} "
+                  f"{net_benefit_sentence(name, op, names, 'studies')}")
+  if multi:
+    for name, op in pl["operating_points"].items():
+      if op.get("threshold") is not None:
+        interp.append(f"<b>{name}</b> (threshold {op['threshold']:.3f}, per patient): "
+                      f"{per_100(op['metrics'], names, 'patients')} "
+                      f"{net_benefit_sentence(name, op, names, 'patients')}")
+  meaning = [
+      ("ul", interp),
+      ("p", "Net benefit (Vickers &amp; Elkin, Med Decis Making 2006) weighs true positives against false "
+            "positives at the exchange rate a threshold probability t implies (one false positive costs t/(1−t) "
+            "true positives); it reads a threshold as a risk, which is only fair when the probabilities are "
+            "calibrated (see above)."),
+      ("p", f"A lower threshold finds more disease (higher sensitivity) at the cost of more false alarms (lower "
+            f"specificity). PPV and NPV depend on how common the finding is: in this test set {ev['n_positive']} "
+            f"of {ev['n']} studies are {html.escape(names[1])}; in a population where it is rarer, the PPV will be "
+            f"lower.")]
+  return {"title": f"{names[1]} vs {names[0]} ({config.data.source} data)", "test_line": test_line,
+          "sections": [(f"Results on {where}", results), ("What these numbers mean", meaning)],
+          "limitations": LIMITATIONS, "curves": CURVES}
 
 
 def _fmt(m: dict) -> str:
@@ -527,22 +585,14 @@ def net_benefit_sentence(name: str, op: dict, class_names=("normal", "abnormal")
                  f"{100 * adv['hi']:.1f}).")
 
 
-CURVE_KEYS = ("train/loss", "val/loss", "train/accuracy", "val/accuracy", "val/auc", "val/sensitivity",
-              "val/specificity", "train/learning_rate")
-
-
 def _defined(ops: dict) -> dict:
   return {name: op for name, op in ops.items() if op.get("threshold") is not None}
 
 
-def make_figures(config, workdir: str, ev: dict, test_pred: dict, out_dir: str) -> dict[str, str]:
+def make_figures(config, ev: dict, test_pred: dict, out_dir: str) -> dict[str, str]:
+  """ROC, confusion matrix, reliability diagram(s) and decision curve of an evaluation (PNGs in ``out_dir``)."""
   figs = {}
   names = class_names(config)
-  jsonl = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(jsonl):
-    history = [{k: v for k, v in rec.items() if k == "step" or k in CURVE_KEYS} for rec in viz.load_history(jsonl)]
-    figs["Training curves"] = viz.save(viz.training_curves([h for h in history if len(h) > 1]),
-                                       os.path.join(out_dir, "training_curves.png"))
   ops = _defined(ev["operating_points"])
   y, p = test_pred["label"], test_pred["prob"]
   points = [{"name": name, "fpr": 1 - op["metrics"]["specificity"]["value"],
@@ -626,133 +676,6 @@ def metric_table(ops: dict) -> tuple[list[str], list[list[str]]]:
   return head, rows
 
 
-def _table_html(head, rows) -> str:
-  return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
-      "<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
-
-
-def _table_md(head, rows) -> list[str]:
-  return (["| " + " | ".join(_strip(h.replace("<br>", " ")) for h in head) + " |", "|" + "---|" * len(head)]
-          + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def external_line(info: dict) -> str:
-  """An external set (eval_external.json's "external"): what it is, what its build read / kept / skipped, and
-  whether it shares patients with the training dataset."""
-  t = info["totals"]
-  reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in info.get("skip_reasons", {}).items())
-  skipped = ", ".join(html.escape(os.path.basename(s["file"])) for s in info.get("skipped", [])[:5])
-  shared = info.get("shared_patients", [])
-  return (f"<b>External test set</b>: {html.escape(info['dir'])} (labels {html.escape(info['csv'])}), prepared "
-          f"exactly as the training data: {t['read']} scans read, {t['kept']} kept, <b>{t['skipped']} skipped</b>"
-          + (f" ({reasons}: {skipped})" if t["skipped"] else "") + f"; {info['n_patients']} patients, "
-          + (f"<b>{len(shared)} of them also in the training dataset</b> (not independent)" if shared else
-             "none of them in the training dataset") + ".")
-
-
-def render_page(config, ev: dict, figs: dict[str, str], build: dict, summary: dict, sizes: dict) -> tuple[str, str]:
-  external = ev.get("external")  # eval_external.json: an external test set
-  where = "the external test set" if external else "the test split"
-  names = tuple(ev.get("class_names") or class_names(config))
-  ops = ev["operating_points"]
-  pl = ev.get("patient_level") or {}
-  multi = pl.get("max_studies_per_patient", 1) > 1
-  synthetic = config.data.source == "synthetic"
-  when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-  counts = build.get("totals", {})
-  data_lines = [
-      f"Source: <b>{config.data.source}</b>{' (synthetic phantoms)' if synthetic else ''}; volumes preprocessed to "
-      f"{tuple(config.data.shape)} voxels (depth × height × width), HU window {tuple(config.data.hu_window)}.",
-      (f"External test set: {ev['n']} studies from {ev['n_patients']} patients, {ev['n_positive']} {names[1]}; "
-       f"thresholds from the internal validation split." if external else
-       f"Split by patient: train {sizes.get('train', '?')}, validation {sizes.get('validation', '?')}, "
-       f"test {sizes.get('test', '?')} studies. Test set: {ev['n']} studies from {ev['n_patients']} patients, "
-       f"{ev['n_positive']} {names[1]}."),
-  ] + ([external_line(external)] if external else [])
-  if counts:
-    reasons = "; ".join(f"{n} × {html.escape(k)}" for k, n in build.get("skip_reasons", {}).items())
-    data_lines.append(f"Dataset build: {counts.get('read', '?')} scans read, {counts.get('kept', '?')} kept, "
-                      f"<b>{counts.get('skipped', '?')} skipped</b>{' (' + reasons + ')' if reasons else ''}; "
-                      f"every skipped file and its reason is listed in build_report.json. Skipped scans are not "
-                      f"in any split: if they differ from the kept ones (e.g. small nodules), the results may "
-                      f"not carry over to them.")
-  model_line = (f"Model <b>{config.model.name}</b>, checkpoint {html.escape(str(ev.get('checkpoint')))} (step "
-                f"{ev.get('checkpoint_step')}, fingerprint {ev.get('checkpoint_fingerprint')})" +
-                (f", from a run of {summary['steps']} steps in {summary.get('wall_time_s', 0):.0f} s."
-                 if "steps" in summary else "; the run has not finished (no metrics.json)."))
-  rec = ev.get("recalibration", {"method": "none"})
-  if rec.get("temperature") is not None:
-    cal_line = (f"Probabilities are recalibrated by temperature scaling: T = {rec['temperature']:.3f}, fitted on the "
-                f"validation split (a T above 1 softens over-confident outputs; ranking and AUC are unchanged). "
-                f"Test ECE {_fmt(rec['before']['ece'])} before, <b>{_fmt(rec['after']['ece'])}</b> after. Every "
-                f"number below uses the recalibrated probabilities.")
-  elif rec.get("undefined"):
-    cal_line = f"Recalibration was requested but not possible: {rec['undefined']}."
-  else:
-    cal_line = (f"No recalibration (eval.calibration = 'none'); test ECE {_fmt(ev['calibration']['ece'])}. With "
-                f"--config.eval.calibration=temperature, --mode=eval fits a temperature on validation.")
-  study_head, study_rows = metric_table(ops)
-  tables = [("Per study: each study is one case; thresholds chosen on per-study validation scores",
-             study_head, study_rows)]
-  if multi:
-    tables.append((f"Per patient: {pl['n_patients']} patients ({pl['n_positive']} with a {names[1]} study); a "
-                   f"patient is positive if any study is and scores its highest probability; thresholds chosen "
-                   f"on per-patient validation scores", *metric_table(pl["operating_points"])))
-  interp = []
-  for name, op in ops.items():
-    if op.get("threshold") is None:
-      interp.append(f"<li><b>{name}</b>: undefined — {html.escape(op['undefined'])}.</li>")
-      continue
-    interp.append(f"<li><b>{name}</b> (threshold {op['threshold']:.3f}, per study): {per_100(op['metrics'], names)} "
-                  f"{net_benefit_sentence(name, op, names, 'studies')}</li>")
-  if multi:
-    for name, op in pl["operating_points"].items():
-      if op.get("threshold") is not None:
-        interp.append(f"<li><b>{name}</b> (threshold {op['threshold']:.3f}, per patient): "
-                      f"{per_100(op['metrics'], names, 'patients')} "
-                      f"{net_benefit_sentence(name, op, names, 'patients')}</li>")
-  dca_note = ("Net benefit (Vickers &amp; Elkin, Med Decis Making 2006) weighs true positives against false "
-              "positives at the exchange rate a threshold probability t implies (one false positive costs t/(1−t) "
-              "true positives); it reads a threshold as a risk, which is only fair when the probabilities are "
-              "calibrated (see above).")
-  limitations = ([LIMITATIONS_SYNTHETIC] if synthetic else []) + LIMITATIONS_COMMON
-  fig_html = viz.figures_html(figs)
-  tables_html = "".join(f"<h3>{html.escape(title)}</h3>{_table_html(h, r)}" for title, h, r in tables)
-  page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lungct report</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.45}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}figure{{display:inline-block;margin:8px;max-width:100%}}
-img{{max-width:100%}}.warn{{background:#fff3cd;padding:8px 12px;border-left:4px solid #e0a800}}</style></head><body>
-<h1>lungct evaluation report</h1><p>Generated {when}. Task: {html.escape(names[1])} vs {html.escape(names[0])}
-({html.escape(config.data.source)} data).</p>
-<p class="warn">Research use only — not for diagnosis.{' Synthetic data.' if synthetic else ''}</p>
-<h2>Data</h2><ul>{''.join(f'<li>{l}</li>' for l in data_lines)}</ul><p>{model_line}</p>
-<h2>Results on {where}</h2>
-<p>Values are point estimates with 95% bootstrap confidence intervals (patients resampled, {config.eval.n_boot} draws).
-Each column is one operating threshold chosen on the validation split: the conventional 0.5, the threshold maximising
-sensitivity + specificity (Youden's J), and the highest thresholds reaching a target sensitivity.</p>
-<p>{cal_line}</p>
-{tables_html}
-<h2>What these numbers mean</h2><ul>{''.join(interp)}</ul>
-<p>{dca_note}</p>
-<p>A lower threshold finds more disease (higher sensitivity) at the cost of more false alarms (lower specificity).
-PPV and NPV depend on how common the finding is: in this test set {ev['n_positive']} of {ev['n']} studies are
-{html.escape(names[1])}; in a population where it is rarer, the PPV will be lower.</p>
-<h2>Figures</h2>{fig_html}
-<h2>Limitations</h2><ul>{''.join(f'<li>{l}</li>' for l in limitations)}</ul>
-</body></html>"""
-  md = ["# lungct evaluation report", "", f"Generated {when}. Task: {names[1]} vs {names[0]}. "
-        f"**Research use only — not for diagnosis.**", "", "## Data", ""] + [
-        f"- {_strip(l)}" for l in data_lines] + ["", _strip(model_line), "",
-        f"## Results on {where} (95% bootstrap CIs)", "", _strip(cal_line), ""]
-  for title, h, r in tables:
-    md += [f"### {title}", ""] + _table_md(h, r) + [""]
-  md += ["## What these numbers mean", ""] + [f"- {_strip(i)}" for i in interp] + ["", _strip(dca_note), "",
-         "## Figures", ""] + [f"![{t}](report/{os.path.basename(p)})" for t, p in figs.items()] + [
-         "", "## Limitations", ""] + [f"- {_strip(l)}" for l in limitations]
-  return page, "\n".join(md) + "\n"
-
-
 _KEEP_NONE = frozenset({"threshold", "temperature"})  # None there means "undefined", said as such
 
 
@@ -769,8 +692,3 @@ def _null_to_nan(obj):
 def _counts(op) -> str:
   c = op["counts"]
   return f"{c['tp']} / {c['fp']} / {c['tn']} / {c['fn']}"
-
-
-def _strip(s: str) -> str:
-  import re
-  return re.sub(r"<[^>]+>", "", s)

@@ -26,7 +26,7 @@ from lungct.data import augment as augment_lib
 from lungct.data.sources import safe_name
 
 NAME = "segment"
-MODES = ("train", "eval", "cv", "predict")
+MODES = ("train", "eval", "cv", "predict", "report")
 BEST_METRIC = "dice"
 HEADLINE_METRICS = ("iou", "hd95")
 CONFIG = "configs/unet_seg.py"   # its reference config (with a seconds-long `:tiny` variant)
@@ -223,7 +223,8 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
   v = predictor.variables
   apply = make_apply(v.graphdef, predictor.mesh, config)
   summary, out = evaluate(apply, v, predictor.mesh, sources[split], config, keep=config.segment.num_overlays)
-  result = {"checkpoint": predictor.checkpoint, "checkpoint_step": predictor.step, "split": split,
+  result = {"checkpoint": predictor.checkpoint, "checkpoint_step": predictor.step,
+            "checkpoint_fingerprint": runtime.fingerprint(predictor), "split": split,
             "threshold": config.segment.threshold, "keep": config.segment.get("keep", "all"), "summary": summary,
             "ci": with_confidence(out["cases"], n_boot=config.eval.n_boot, seed=config.seed),
             "cases": out["cases"]}
@@ -284,3 +285,74 @@ def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
       print(f"{scan.path}: lesion {row['lesion_ml']} ml   mask: {path}")
     return row
   return predict_one
+
+
+# ----------------------------------------------------------------------------- --mode=report
+
+REPORT_ROWS = (("dice", "Dice", "lesion cases"), ("iou", "IoU", "lesion cases"),
+               ("hd95", "HD95 (mm)", "lesion cases with a prediction"),
+               ("volume_error_ml", "absolute volume error (ml)", "lesion cases"),
+               ("fp_ml", "false-positive volume (ml)", "lesion-free cases"))
+
+
+def report_table(cases: list[dict], *, n_boot: int, seed: int) -> tuple[list[str], list[list[str]]]:
+  """(header, rows): each metric's mean over the cases it applies to, with a 95% bootstrap CI resampling
+  patients (with all their cases)."""
+  les = [c for c in cases if c["has_lesion"]]
+  free = [c for c in cases if not c["has_lesion"]]
+  values = {"dice": [c["dice"] for c in les], "iou": [c["iou"] for c in les],
+            "hd95": [np.nan if c["hd95"] is None else c["hd95"] for c in les],
+            "volume_error_ml": [abs(c["pred_ml"] - c["true_ml"]) for c in les],
+            "fp_ml": [c["pred_ml"] for c in free]}
+  groups = {"fp_ml": [c["patient_id"] for c in free]}
+  rows = []
+  for key, label, over in REPORT_ROWS:
+    vals = values[key]
+    if not len(vals):
+      rows.append([label, over, "0", "n/a"])
+      continue
+    m = metrics.mean_with_ci(vals, groups.get(key, [c["patient_id"] for c in les]), n_boot=n_boot, seed=seed)
+    cell = "n/a" if not np.isfinite(m["value"]) else f"{m['value']:.3f} ({m['lo']:.3f}–{m['hi']:.3f})"
+    rows.append([label, over, f"{m['n_cases']} of {len(vals)}" if m["n_cases"] < len(vals) else str(len(vals)),
+                 cell])
+  return ["Metric", "over", "n", "mean (95% CI)"], rows
+
+
+def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, out_dir: str, split: str) -> dict:
+  """Dice / IoU / HD95 / volume errors with patient-bootstrap CIs of ``split`` (test, or the external set), the
+  predicted vs reference lesion volumes and the mask overlays --mode=eval drew; eval_<split>.json is rerun when
+  missing or written for other weights."""
+  from lungct import viz
+  config = predictor.config
+  result = runtime.current_evaluation(predictor, sources, workdir, split, run_eval)
+  cases = result["cases"]
+  les = [c for c in cases if c["has_lesion"]]
+  where = "external test set" if split == "external" else f"{split} split"
+  figs = {}
+  if les:
+    figs[f"Lesion volume, predicted vs reference ({where})"] = viz.save(viz.predicted_vs_reference([
+        {"name": "lesion volume", "y": np.array([c["true_ml"] for c in les]),
+         "p": np.array([c["pred_ml"] for c in les]), "levels": None, "unit": "ml"}]),
+        os.path.join(out_dir, "lesion_volume.png"))
+  for path in result.get("overlays") or []:
+    if os.path.exists(path):
+      figs[f"Mask overlay: {os.path.splitext(os.path.basename(path))[0]}"] = path
+  head, rows = report_table(cases, n_boot=int(config.eval.n_boot), seed=int(config.seed))
+  n_patients = len({c["patient_id"] for c in cases})
+  return {
+      "title": "lesion segmentation",
+      "test_line": f"{'External test' if split == 'external' else 'Test'} set: {len(cases)} studies from "
+                   f"{n_patients} patients, {len(les)} with a lesion.",
+      "sections": [(f"Segmentation on the {where}", [
+          ("p", f"Whole volumes, sliding-window inference, lesion where the probability exceeds "
+                f"{result.get('threshold', config.segment.threshold)}. Each metric is a mean over the cases it "
+                f"applies to, with a 95% bootstrap confidence interval (patients resampled with all their studies, "
+                f"{config.eval.n_boot} draws). Dice and IoU: overlap with the reference mask (1 = identical); HD95: "
+                f"the 95th percentile of the surface distance in mm, undefined where nothing was predicted; "
+                f"volumes in ml at the voxel spacing of the preprocessed volume."),
+          ("table", head, rows)])],
+      "figures": figs,
+      "limitations": ["Overlap and distances are measured on the preprocessed volume the model sees (its geometry "
+                      "and spacing), against one reference mask per lesion; readers' masks of the same lesion differ "
+                      "too."],
+  }
