@@ -107,6 +107,49 @@ def test_max_pool_matches_flax(window, strides, padding):
   np.testing.assert_allclose(grad(ours), grad(ref), atol=1e-6)
 
 
+def test_tiled_max_pool_gradient_goes_to_the_first_maximum_like_select_and_scatter():
+  """Without a ReLU and with many ties (values on a coarse grid), the 2x2x2 pool's gradient equals XLA's
+  select_and_scatter exactly: each window's gradient reaches its first maximum in row-major order, from the int8
+  index the forward pass keeps (not from the input)."""
+  from flax import nnx
+  x = jnp.round(jax.random.normal(jax.random.PRNGKey(2), (2, 9, 10, 11, 3)) * 1.5)   # ~7 distinct values
+  ref = lambda a: nnx.max_pool(a, (2, 2, 2), strides=(2, 2, 2))
+  ours = lambda a: common.max_pool(a, (2, 2, 2), (2, 2, 2), "VALID")
+  np.testing.assert_array_equal(ours(x), ref(x))
+  g = jax.random.normal(jax.random.PRNGKey(3), ref(x).shape)
+  grad = lambda f: jax.grad(lambda a: jnp.sum(f(a) * g))(x)
+  gr, go = np.asarray(grad(ref)), np.asarray(grad(ours))
+  assert (gr != 0).sum() == g.size                       # one voxel per window (the trailing odd voxels get none)
+  np.testing.assert_array_equal(go, gr)
+  # The residual is the int8 index, not the input: no float32 buffer of x's size in the saved values.
+  saved = jax.vjp(ours, x)[1]
+  leaves = [l for l in jax.tree.leaves(saved) if hasattr(l, "dtype")]
+  assert any(l.dtype == jnp.int8 for l in leaves)
+  assert not any(l.dtype == jnp.float32 and l.size >= x.size // 2 for l in leaves)
+
+
+def test_cnn3d_block_pools_before_the_relu_with_equal_values_and_gradients():
+  """ConvBlock computes relu(pool(conv)) instead of the tutorial's pool(relu(conv)): the same numbers."""
+  from flax import nnx
+  from lungct.models import cnn3d
+  block = cnn3d.ConvBlock(2, 4, padding="VALID", dtype=jnp.float32, rngs=nnx.Rngs(0))
+  graphdef, params, stats = nnx.split(block, nnx.Param, nnx.BatchStat)
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, 10, 9, 12, 2))
+
+  def run(p, tutorial):
+    b = nnx.merge(graphdef, p, stats)
+    if tutorial:
+      y = nnx.max_pool(nnx.relu(b.conv(x)), (2, 2, 2), strides=(2, 2, 2))
+      return b.bn(y, use_running_average=True)
+    return b(x, train=False)   # BatchNorm in eval mode (no statistics update under grad); the order is the same
+  g = jax.random.normal(jax.random.PRNGKey(5), run(params, True).shape)
+  out = {t: run(params, t) for t in (True, False)}
+  np.testing.assert_array_equal(out[False], out[True])
+  grads = {t: jax.grad(lambda p: jnp.sum(run(p, t) * g))(params) for t in (True, False)}
+  for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("k,padding", [(2, "SAME"), (2, "VALID"), (3, "SAME"), ((2, 1, 2), "SAME")])
 def test_conv_transpose_as_matmul_matches_lax(k, padding):
   """The U-Net's up-convolution (kernel == stride) as one matmul: lax.conv_transpose's outputs and gradients."""

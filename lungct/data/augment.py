@@ -21,22 +21,40 @@ import numpy as np
 
 
 def rotate_axial(volume: jax.Array, angle: jax.Array, order: int = 1) -> jax.Array:
-  """Rotates one (D, H, W, C) volume by `angle` radians in the (H, W) plane."""
-  d, h, w, _ = volume.shape
-  zz, hh, ww = jnp.meshgrid(jnp.arange(d, dtype=jnp.float32), jnp.arange(h, dtype=jnp.float32),
-                            jnp.arange(w, dtype=jnp.float32), indexing="ij")
+  """Rotates one (D, H, W, C) volume by `angle` radians in the (H, W) plane.
+
+  The values of `jax.scipy.ndimage.map_coordinates(order, mode="constant")` at the rotated grid (bilinear for
+  order 1, nearest for order 0, 0 outside), computed as what they are: one 2D interpolation shared by every depth
+  slice. The (H, W) source positions and weights are computed once per slice position, not per voxel, and each
+  output voxel reads its 4 (order 1) neighbours in (H, W) instead of map_coordinates' 8 in (D, H, W) (the depth
+  coordinate is an integer, so half of those carry weight 0).
+  """
+  d, h, w, c = volume.shape
+  hh, ww = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
   ch, cw = (h - 1) / 2.0, (w - 1) / 2.0
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   # Output q samples the input at c + R^T (q - c).
   src_h = ch + cos * (hh - ch) + sin * (ww - cw)
   src_w = cw - sin * (hh - ch) + cos * (ww - cw)
-  coords = [zz, src_h, src_w]
 
-  def one_channel(x):
-    return jax.scipy.ndimage.map_coordinates(x, coords, order=order, mode="constant", cval=0.0)
+  def nodes(coord):  # map_coordinates' 1D interpolation nodes: (index, weight)
+    if order == 0:
+      return [(jax.lax.round(coord).astype(jnp.int32), None)]   # half away from zero, as map_coordinates
+    lower = jnp.floor(coord)
+    upper_w = coord - lower
+    return [(lower.astype(jnp.int32), 1 - upper_w), (lower.astype(jnp.int32) + 1, upper_w)]
 
-  out = jax.vmap(one_channel, in_axes=-1, out_axes=-1)(volume.astype(jnp.float32))
-  return out.astype(volume.dtype)
+  x = volume.astype(jnp.float32).reshape(d, h * w, c)
+  out = None
+  for ih, wh in nodes(src_h):  # the same order of terms as map_coordinates: h outer, w inner
+    for iw, wv in nodes(src_w):
+      valid = (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
+      flat = (jnp.clip(ih, 0, h - 1) * w + jnp.clip(iw, 0, w - 1)).reshape(-1)
+      term = jnp.where(valid.reshape(1, -1, 1), x[:, flat, :], 0.0)
+      if wh is not None:
+        term = (wh * wv).reshape(1, -1, 1) * term
+      out = term if out is None else out + term
+  return out.reshape(d, h, w, c).astype(volume.dtype)
 
 
 def flip_lr(volume: jax.Array, flip: jax.Array) -> jax.Array:

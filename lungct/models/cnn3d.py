@@ -29,7 +29,7 @@ def min_input_size(num_blocks: int, padding: str) -> int:
 
 
 class ConvBlock(nnx.Module):
-  """Conv3D(3x3x3) + relu -> MaxPool3D(2) -> BatchNorm, in the tutorial's order."""
+  """Conv3D(3x3x3) + relu -> MaxPool3D(2) -> BatchNorm: the tutorial's block (computed as conv, pool, relu)."""
 
   def __init__(self, in_features: int, out_features: int, *, padding: str,
                dtype: Any, rngs: nnx.Rngs, bn_momentum: float = 0.99):
@@ -41,9 +41,13 @@ class ConvBlock(nnx.Module):
                             rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = nnx.relu(self.conv(x))
-    x = common.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
-    return self.bn(x, use_running_average=not train)
+    # relu(max_pool(.)) == max_pool(relu(.)) exactly (relu is monotonic), and so are the gradients (both reach
+    # the window's first maximum where it is > 0, nothing otherwise); pooling first applies the relu to 1/8 of the
+    # voxels and keeps no relu output of the full-size convolution for the backward pass (the pool keeps only an
+    # int8 index per output): with it, the step's temporary memory at batch 2 of 64x128x128 went from 1292 to
+    # 1141 MiB (benchmarks/README.md, round 4).
+    x = common.max_pool(self.conv(x), (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+    return self.bn(nnx.relu(x), use_running_average=not train)
 
 
 class CNN3D(nnx.Module):

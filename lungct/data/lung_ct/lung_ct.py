@@ -574,11 +574,12 @@ def _load_npz(path: epath.Path) -> dict[str, Any]:
 class LungCt(tfds.core.GeneratorBasedBuilder):
   """Preprocessed 3D lung CT volumes with binary label, severity grade and lesion mask."""
 
-  VERSION = tfds.core.Version("2.0.0")
+  VERSION = tfds.core.Version("3.0.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release.",
       "2.0.0": "Geometry keeps millimetres (target_spacing, fit, crop_center); voxel_spacing "
                "feature; split after skipping bad scans; nodules, dicom and medmnist sources.",
+      "3.0.0": "image and mask stored as raw bytes (tfds Encoding.BYTES): the same values, read ~30x faster.",
   }
   BUILDER_CONFIGS = [LungCtConfig(name="synthetic-default", description="160 phantoms, 32x64x64")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -600,11 +601,15 @@ class LungCt(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=__doc__,
         features=tfds.features.FeaturesDict({
+            # Volumes are stored as raw bytes (Encoding.BYTES), read back by one np.frombuffer: stored without an
+            # encoding, TFDS writes every voxel as one element of a protobuf float/int64 list and turns it back
+            # into numpy element by element (0.66 s per 64x128x128 example on a loaded 2-core machine, 10x the
+            # on-device augmentation of a batch; benchmarks/README.md, input pipeline).
             "image": tfds.features.Tensor(
-                shape=shape, dtype=preprocess.STORED_DTYPE,
+                shape=shape, dtype=preprocess.STORED_DTYPE, encoding=tfds.features.Encoding.BYTES,
                 doc="(D, H, W, 1) = (z, y, x) volume in [0, 1]: data.hu_window of the HU values "
                     "after data.target_spacing and data.fit; exactly preprocess.model_input"),
-            "mask": tfds.features.Tensor(shape=shape, dtype=np.uint8,
+            "mask": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES,
                                          doc="lesion mask on the image's grid (zeros when none)"),
             "label": tfds.features.Scalar(dtype=np.int64, doc="0 normal / benign, 1 abnormal / malignant"),
             "grade": tfds.features.Scalar(dtype=np.int64,
