@@ -132,6 +132,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.predict.threshold = -1.0      # < 0: Youden threshold from --mode=eval if present, else 0.5
   c.predict.lesions = ""          # CSV filename,mask or filename,x,y,z[,coords]: each scan's lesion, needed by
                                   # models trained on crops centred on the mask (data.crop_center="mask")
+  c.predict.without_lesion = "skip"  # such a model, a scan without an entry in predict.lesions: skip | center (crop
+                                  # centred on the scan: a volume of interest already centred on its lesion)
 
   c.cv = ml_collections.ConfigDict()
   c.cv.folds = 5                  # --mode=cv: k, over train+validation, grouped by patient, stratified by label

@@ -36,6 +36,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.segment.mode = "gaussian"           # gaussian | constant window weighting
   c.segment.sw_batch_size = 4           # windows per forward pass
   c.segment.threshold = 0.5             # probability -> mask
+  c.segment.keep = "all"                # all | center: only the connected component at the crop's centre
   c.segment.lambda_dice = 1.0           # DiceCELoss weights
   c.segment.lambda_ce = 1.0
   c.segment.num_overlays = 4            # --mode=eval: mask_comparison PNGs written to <workdir>/seg_overlays/

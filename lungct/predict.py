@@ -6,8 +6,9 @@ The model is restored for inference with the data settings it was trained with, 
 `preprocess.model_input`, the function the dataset build stores examples with: the model sees here exactly the
 values it saw in training. Intensities are read as the training data's were (HU, or already scaled for a
 MedMNIST-trained model), and a model trained on crops centred on the lesion mask (data.crop_center="mask") gets
-each scan's mask or lesion centre from config.predict.lesions. A scan that cannot be read, or that has no lesion
-where the model needs one, is reported and skipped.
+each scan's mask or lesion centre from config.predict.lesions (or, with config.predict.without_lesion="center",
+a crop centred on the scan: for volumes of interest already centred on their lesion). A scan that cannot be read,
+or that has no lesion where the model needs one, is reported and skipped.
 """
 from __future__ import annotations
 
@@ -45,19 +46,28 @@ def output_name(path: str, root: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]", "_", rel.replace(os.sep, "__"))
 
 
-def load_input(path: str, data_cfg, lesion: dict | None = None) -> tuple[nifti.Scan, np.ndarray]:
-  """(the scan, its float32 (D, H, W, 1) model input) for the file at ``path``, prepared as the training data was:
-  intensities as the training source's (`sources.load_for_model`), and for a model trained on crops centred on
-  the lesion mask, the crop centred on ``lesion`` (its `sources.read_lesions` entry). nifti.ScanError if it cannot
-  be used, or if the model needs a lesion and none is given."""
+WITHOUT_LESION = ("skip", "center")   # config.predict.without_lesion
+
+
+def load_input(path: str, data_cfg, lesion: dict | None = None, *, without_lesion: str = "skip"
+               ) -> tuple[nifti.Scan, np.ndarray, np.ndarray]:
+  """(the scan, its float32 (D, H, W, 1) model input, the crop_start of the model's window in the resampled scan)
+  for the file at ``path``, prepared as the training data was: intensities as the training source's
+  (`sources.load_for_model`), and for a model trained on crops centred on the lesion mask, the crop centred on
+  ``lesion`` (its `sources.read_lesions` entry), or without one on the scan's centre when ``without_lesion`` is
+  "center" (a crop already centred on its lesion, such as an LIDC volume of interest). nifti.ScanError if it cannot
+  be used, or if the model needs a lesion and none is given (``without_lesion`` "skip")."""
   scan = sources.load_for_model(path, data_cfg)
   mask = center = None
   if preprocess.needs_lesion(data_cfg):
-    if lesion is None:
+    if lesion is not None:
+      mask, center = sources.lesion_of(scan, lesion)
+    elif without_lesion != "center":
       raise nifti.ScanError(path, "no lesion mask or centre for this scan in config.predict.lesions: the model "
                                   "was trained on crops centred on the lesion (data.crop_center='mask')")
-    mask, center = sources.lesion_of(scan, lesion)
-  return scan, preprocess.model_input(scan, data_cfg, mask, hu=sources.is_hu(data_cfg), center_xyz=center)
+  image, crop_start = preprocess.model_input_and_window(scan, data_cfg, mask, hu=sources.is_hu(data_cfg),
+                                                        center_xyz=center)
+  return scan, image, crop_start
 
 
 def scan_input(path: str, data_cfg, lesion: dict | None = None) -> np.ndarray:
@@ -87,10 +97,17 @@ def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_pa
   config = predictor.config
   files = list_scans(config.predict.input)
   lesions = sources.read_lesions(config.predict.lesions) if config.predict.get("lesions", "") else {}
-  if preprocess.needs_lesion(config.data) and not lesions:
+  without_lesion = config.predict.get("without_lesion", "skip")
+  if without_lesion not in WITHOUT_LESION:
+    from lungct import config_check
+    raise config_check.ConfigError(f"config.predict.without_lesion={without_lesion!r}: must be one of "
+                                   f"{WITHOUT_LESION}")
+  needs_lesion = preprocess.needs_lesion(config.data)
+  if needs_lesion and not lesions and without_lesion != "center":
     raise DataError(f"the model {predictor.checkpoint} was trained on crops centred on the lesion mask "
                     "(data.crop_center='mask'): give each scan's mask or centre with --config.predict.lesions=<csv> "
-                    "(filename,mask or filename,x,y,z[,coords])")
+                    "(filename,mask or filename,x,y,z[,coords]), or --config.predict.without_lesion=center for "
+                    "crops already centred on their lesion")
   out_dir = os.path.join(workdir, "predictions")
   main = runtime.is_main_process()
   if main:
@@ -99,13 +116,20 @@ def predict_scans(config: ml_collections.ConfigDict, workdir: str, checkpoint_pa
   predict_one = task.scan_predictor(predictor, workdir, out_dir)
   rows = []
   for path in files:
+    lesion = lesions.get(lesion_key(path, config.predict.input))
     try:
-      scan, image = load_input(path, config.data, lesions.get(lesion_key(path, config.predict.input)))
+      scan, image, crop_start = load_input(path, config.data, lesion, without_lesion=without_lesion)
     except nifti.ScanError as e:
       print(f"SKIPPED {e}")
       rows.append({"file": path, "error": e.reason})
       continue
-    rows.append({"file": path, **predict_one(scan, image[None], output_name(path, config.predict.input)),
+    where = {}
+    if needs_lesion:   # where the model's crop was centred: the given lesion, or the scan's centre
+      where = {"crop_centre": "lesion" if lesion is not None else "scan centre"}
+      if lesion is None and main:
+        print(f"{path}: no entry in config.predict.lesions; crop centred on the scan (predict.without_lesion=center)")
+    rows.append({"file": path, **where,
+                 **predict_one(scan, image[None], output_name(path, config.predict.input), crop_start=crop_start),
                  "error": ""})
   fields = list(dict.fromkeys(["file"] + [k for r in rows for k in r if k != "error"] + ["error"]))
   rows = [{k: r.get(k, "") for k in fields} for r in rows]

@@ -9,6 +9,7 @@ from lungct.models import common
 from lungct.ops import onednn_conv
 from lungct.models.cnn3d import CNN3D
 from lungct.models.resnet3d import ResNet3D
+from lungct.models.unet3d import UNet3D
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -62,6 +63,7 @@ def test_unknown_impl_is_rejected():
     lambda impl: CNN3D(num_outputs=1, features=(4, 4, 8, 8), dense=8, dropout=0.0, padding="SAME",
                        conv_impl=impl, rngs=nnx.Rngs(0)),
     lambda impl: ResNet3D(num_outputs=3, depth=10, width=4, conv_impl=impl, rngs=nnx.Rngs(0)),
+    lambda impl: UNet3D(num_outputs=1, features=(4, 8, 8), conv_impl=impl, rngs=nnx.Rngs(0)),
 ])
 @pytest.mark.parametrize("impl", ["im2col", "onednn"])
 def test_models_same_outputs_and_gradients(make, impl):
@@ -146,3 +148,32 @@ def test_cnn3d_block_pools_before_the_relu_with_equal_values_and_gradients():
   grads = {t: jax.grad(lambda p: jnp.sum(run(p, t) * g))(params) for t in (True, False)}
   for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("k,padding", [(2, "SAME"), (2, "VALID"), (3, "SAME"), ((2, 1, 2), "SAME")])
+def test_conv_transpose_as_matmul_matches_lax(k, padding):
+  """The U-Net's up-convolution (kernel == stride) as one matmul: lax.conv_transpose's outputs and gradients."""
+  k = (k,) * 3 if isinstance(k, int) else k
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 5, 6))
+  layer = common.ConvTranspose(6, 5, k, k, padding=padding, rngs=nnx.Rngs(0))
+  layer.bias.value = jax.random.normal(jax.random.PRNGKey(2), (5,))
+
+  def run(as_matmul):
+    layer.as_matmul = as_matmul
+    graphdef, params = nnx.split(layer, nnx.Param)
+    f = lambda p, a: nnx.merge(graphdef, p)(a)  # noqa: E731
+    y = f(params, x)
+    g = jax.random.normal(jax.random.PRNGKey(1), y.shape)
+    grads = jax.grad(lambda p, a: jnp.sum(f(p, a) * g), argnums=(0, 1))(params, x)
+    return y, grads
+
+  y_ref, g_ref = run(False)
+  y, g = run(True)
+  assert layer._matmul_ok(x) and y.shape == (2, 3 * k[0], 4 * k[1], 5 * k[2], 5)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  # A window that overlaps its neighbour (kernel 3, stride 2) is not a matmul: lax.conv_transpose runs.
+  overlapping = common.ConvTranspose(6, 5, (3, 3, 3), (2, 2, 2), rngs=nnx.Rngs(0))
+  overlapping.as_matmul = True
+  assert not overlapping._matmul_ok(x)

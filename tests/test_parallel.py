@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     from tests import float_noise
     from tests.helpers import tiny_config
     assert jax.device_count() == 8, jax.devices()
-    seed = int(sys.argv[2])
+    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 0   # test_onednn.py passes the conv_impl only
     c = tiny_config("/nonexistent", **{"train.batch_size": 8, "model.conv_impl": sys.argv[1], "seed": seed})
     c.model.dropout = 0.3          # dropout and augmentation on: their randomness must not depend on sharding
     # SGD: the update is linear in the gradient, so parameters compare at float tolerance. (Adam's first step is

@@ -137,7 +137,7 @@ def test_preprocess_scan_from_file(tmp_path):
   vol_xyz[:, :, 4:] = 400.0                              # upper half in z
   path = nifti.save_scan(vol_xyz, (2.5, 2.0, 5.0), tmp_path / "s.nii.gz")
   out = pp.preprocess_scan(nifti.load_scan(path), _cfg(shape=(4, 6, 8)))
-  assert set(out) == {"image", "mask", "voxel_spacing", "spacing", "orig_shape"}
+  assert set(out) == {"image", "mask", "voxel_spacing", "spacing", "orig_shape", "crop_start"}
   # resize: 8 x 12 x 16 voxels of 5 x 2 x 2.5 mm stretched to 4 x 6 x 8 -> voxels of 10 x 4 x 5 mm.
   np.testing.assert_allclose(out["voxel_spacing"], [10.0, 4.0, 5.0])
   np.testing.assert_allclose(out["spacing"], [5.0, 2.0, 2.5])

@@ -104,3 +104,15 @@ def test_every_real_mask_is_on_its_scans_grid():
     scan = nifti.load_scan(os.path.join(root, r["filename"]))
     assert sources.load_mask(os.path.join(root, r["mask"]), scan).sum() > 0
   assert len(rows) in (5, 364)
+
+
+def test_a_csv_with_masks_needs_no_label(tmp_path):
+  """The set's own nodules.csv (filename, mask, patient_id, ratings; no label) lists every crop for segmentation:
+  the masks are the targets, the label is unknown (-1). Without masks or targets the label stays required."""
+  items = sources.list_folder_items(CROPS, "nodules.csv")
+  assert len(items) == 5 and all(i.label == -1 and i.mask_path for i in items)
+  assert {i.patient_id for i in items} == {"LIDC-IDRI-0064", "LIDC-IDRI-0120", "LIDC-IDRI-0269", "LIDC-IDRI-0341",
+                                           "LIDC-IDRI-0866"}
+  (tmp_path / "plain.csv").write_text("filename,patient_id\nimage/LIDC-IDRI-0064_R_1.nii.gz,P1\n")
+  with pytest.raises(sources.DataError, match="missing \\['label'\\]"):
+    sources.list_folder_items(CROPS, str(tmp_path / "plain.csv"))

@@ -308,7 +308,9 @@ def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cf
   Returns:
     dict(image=float32 data.shape in [0, 1], rounded through STORED_DTYPE;
     mask=uint8 data.shape (zeros without a mask); voxel_spacing=float32 (3,), the mm
-    of one output voxel (z, y, x)).
+    of one output voxel (z, y, x); crop_start=int64 (3,), with fit="crop_or_pad" where the
+    model's window starts in the resampled volume (negative where it was padded; zeros for
+    "resize"): what `to_scan_grid` needs to put a predicted mask back).
   """
   vol = np.asarray(vol_dhw, dtype=np.float32)
   spacing = np.asarray(spacing_dhw, dtype=np.float64)
@@ -332,6 +334,7 @@ def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cf
     voxel_spacing = spacing * np.asarray(vol.shape) / np.asarray(shape)
     vol = resize(vol, shape, order=1, anti_aliasing=anti_alias)
     mask = None if mask is None else resize(mask, shape, order=0)
+    starts = np.zeros(3, np.int64)
   else:
     center = None
     if _crop_center(data_cfg) == "mask":
@@ -346,7 +349,8 @@ def preprocess_arrays(vol_dhw: np.ndarray, spacing_dhw: Sequence[float], data_cf
     vol = scale_intensity_range(vol, a_min, a_max, 0.0, 1.0, clip=True)
   image = round_stored(np.clip(vol, 0.0, 1.0))
   mask = np.zeros(shape, np.uint8) if mask is None else mask.astype(np.uint8, copy=False)
-  return dict(image=image, mask=mask, voxel_spacing=np.asarray(voxel_spacing, np.float32))
+  return dict(image=image, mask=mask, voxel_spacing=np.asarray(voxel_spacing, np.float32),
+              crop_start=np.asarray(starts, np.int64))
 
 
 def preprocess_volume(vol_dhw_hu: np.ndarray, spacing_dhw: Sequence[float], data_cfg: Any) -> np.ndarray:
@@ -368,7 +372,8 @@ def preprocess_scan(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None
   Returns:
     dict(image=float32 (D, H, W) in [0, 1] exactly as stored, mask=uint8
     (D, H, W), voxel_spacing=float32 (3,) mm of one model voxel (z, y, x),
-    spacing=float32 (3,) original (z, y, x) mm, orig_shape=int32 (3,) original (z, y, x)).
+    spacing=float32 (3,) original (z, y, x) mm, orig_shape=int32 (3,) original (z, y, x),
+    crop_start=int64 (3,) (`preprocess_arrays`)).
   """
   vol = to_dhw(scan.volume)
   spacing = np.asarray(scan.spacing, dtype=np.float32)[::-1].copy()
@@ -381,29 +386,31 @@ def preprocess_scan(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None
   except ValueError as e:
     raise ScanError(scan.path, f"preprocessing failed: {e}") from e
   return dict(image=out["image"], mask=out["mask"], voxel_spacing=out["voxel_spacing"], spacing=spacing,
-              orig_shape=np.asarray(vol.shape, dtype=np.int32))
+              orig_shape=np.asarray(vol.shape, dtype=np.int32), crop_start=out["crop_start"])
 
 
 def to_scan_grid(mask_dhw: np.ndarray, scan_shape_dhw: Sequence[int], spacing_dhw: Sequence[float],
-                 data_cfg: Any) -> np.ndarray:
-  """The inverse geometry of `preprocess_arrays` for a label mask without a crop mask (what predict sees): a
-  mask on the model's grid (data.shape) -> uint8 on the scan's own (D, H, W) grid, nearest neighbour.
+                 data_cfg: Any, crop_start: Sequence[int] | None = None) -> np.ndarray:
+  """The inverse geometry of `preprocess_arrays` for a label mask: a mask on the model's grid (data.shape) ->
+  uint8 on the scan's own (D, H, W) grid, nearest neighbour.
 
-  Undoes data.fit (crop_or_pad: the centred window put back, voxels outside it 0; resize: resized back to the
-  resampled shape) and then data.target_spacing (each scan voxel takes the resampled voxel nearest its centre,
-  the inverse of `resample_to_spacing`'s centred grids).
+  Undoes data.fit (crop_or_pad: the model's window put back where it was cut, at ``crop_start`` — the
+  `preprocess_arrays` value of that scan, which follows the lesion when data.crop_center="mask"; None = the
+  centred window —, voxels outside it 0; resize: resized back to the resampled shape) and then
+  data.target_spacing (each scan voxel takes the resampled voxel nearest its centre, the inverse of
+  `resample_to_spacing`'s centred grids).
   """
   mask = np.asarray(mask_dhw).astype(np.uint8, copy=False)
   n = np.asarray(scan_shape_dhw, dtype=np.int64)
   spacing = np.asarray(spacing_dhw, dtype=np.float64)
   target = target_spacing(data_cfg)
-  m = n if not target else np.maximum(1, np.rint(n * spacing / np.asarray(target, np.float64))).astype(np.int64)
+  m = n if not target else np.asarray(resampled_shape(n, spacing, target), np.int64)
   shape = tuple(int(x) for x in data_cfg.shape)
   if _fit(data_cfg) == "resize":
     mid = resize(mask, tuple(int(x) for x in m), order=0)
   else:
-    starts = crop_starts(tuple(int(x) for x in m), shape, None)
-    mid = crop_or_pad(mask, tuple(int(x) for x in m), [-s for s in starts], 0)
+    starts = crop_starts(tuple(int(x) for x in m), shape, None) if crop_start is None else crop_start
+    mid = crop_or_pad(mask, tuple(int(x) for x in m), [-int(s) for s in starts], 0)
   if not target or (tuple(m) == tuple(n) and np.allclose(spacing, target)):
     return mid.astype(np.uint8, copy=False)
   step = np.asarray(target, np.float64) / spacing     # scan voxels per resampled voxel
@@ -429,4 +436,13 @@ def model_input(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None = N
   mask) or `center_xyz` (voxel coordinates); predict refuses a scan with neither
   (`needs_lesion`). hu=False: intensities already in [0, 1] (MedMNIST), no HU window.
   """
-  return preprocess_scan(scan, data_cfg, mask_xyz, hu=hu, center_xyz=center_xyz)["image"][..., None]
+  return model_input_and_window(scan, data_cfg, mask_xyz, hu=hu, center_xyz=center_xyz)[0]
+
+
+def model_input_and_window(scan: nifti.Scan, data_cfg: Any, mask_xyz: np.ndarray | None = None, *,
+                           hu: bool = True, center_xyz: Sequence[float] | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+  """(`model_input`, the crop_start of its window) : what predict needs to map an output back to the scan
+  (`to_scan_grid`)."""
+  out = preprocess_scan(scan, data_cfg, mask_xyz, hu=hu, center_xyz=center_xyz)
+  return out["image"][..., None], out["crop_start"]

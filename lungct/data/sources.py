@@ -158,8 +158,8 @@ def list_folder_items(manual_dir: str, labels_csv: str, *, series_folders: bool 
                       targets: tuple[str, ...] = ()) -> list[Item]:
   """Reads and validates the labels CSV; DataError naming the CSV row on any problem.
 
-  Columns (header required): filename, label (0 / 1; optional when `targets` are given, then -1 =
-  unknown), optional patient_id (default: the study id), grade (-1..4, default -1), mask (a mask
+  Columns (header required): filename, label (0 / 1; optional when `targets` or a mask column are given,
+  then -1 = unknown), optional patient_id (default: the study id), grade (-1..4, default -1), mask (a mask
   file) and one column per target name (numbers; empty = missing). `labels_csv` is a path
   relative to `manual_dir` (or absolute); the listed paths are relative to `manual_dir`
   and must stay inside it. Study ids are the relative paths (`study_id_of`).
@@ -172,7 +172,9 @@ def list_folder_items(manual_dir: str, labels_csv: str, *, series_folders: bool 
     raise DataError(f"labels CSV {labels_csv!r} (data.labels_csv) not found: looked for {csv_path} "
                     "(a relative data.labels_csv is read inside data.manual_dir)")
   columns, rows = _read_csv(csv_path)
-  missing = ({"filename"} if targets else {"filename", "label"}) - set(columns)
+  # A label is optional when the CSV gives other targets: data.targets columns, or lesion masks (segmentation).
+  label_optional = bool(targets) or "mask" in columns
+  missing = ({"filename"} if label_optional else {"filename", "label"}) - set(columns)
   if missing:
     raise DataError(f"{csv_path}: header must name columns filename,label[,patient_id][,grade]"
                     f"[,mask]; missing {sorted(missing)} in {columns}")
@@ -193,7 +195,7 @@ def list_folder_items(manual_dir: str, labels_csv: str, *, series_folders: bool 
       raise DataError(f"{where}: duplicate study id {study_id!r} (first at row {seen_ids[study_id]}; "
                       "the id is the path without .nii / .nii.gz)")
     seen_ids[study_id] = row
-    label = _int_field(r["label"], where, "label", 0, 1) if r.get("label", "") or not targets else -1
+    label = _int_field(r["label"], where, "label", 0, 1) if r.get("label", "") or not label_optional else -1
     grade = -1
     if r.get("grade", ""):
       grade = _int_field(r["grade"], where, "grade", -1, MAX_GRADE)

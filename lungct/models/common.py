@@ -232,14 +232,50 @@ _NAMED = {}
 
 
 def set_conv_impl(model: nnx.Module, impl: str) -> nnx.Module:
-  """Makes every `nnx.Conv` inside `model` use the `impl` formulation (parameters are unchanged)."""
+  """Makes every `nnx.Conv` inside `model` use the `impl` formulation, and every `ConvTranspose` its matmul form
+  unless impl is "xla" (parameters are unchanged)."""
   if impl not in _NAMED:
     _NAMED[impl] = _named(conv_fn(impl))
   fn = _NAMED[impl]
   for _, module in nnx.iter_modules(model):
     if isinstance(module, nnx.Conv):
       module.conv_general_dilated = fn
+    if isinstance(module, ConvTranspose):
+      module.as_matmul = impl != "xla"
   return model
+
+
+class ConvTranspose(nnx.ConvTranspose):
+  """`nnx.ConvTranspose` (the same parameters and outputs) that runs the up-convolution of a U-Net, kernel ==
+  stride, as one matmul and a reshape when ``as_matmul`` is set (`set_conv_impl` with "im2col" or "onednn").
+
+  With kernel == stride the windows do not overlap: output voxel s*i + a is x[i] @ K[k - 1 - a] (+ bias)
+  (`lax.conv_transpose` without transpose_kernel correlates the stride-dilated input, padded by k - 1, with K,
+  so each output offset a meets kernel tap k - 1 - a), for SAME and VALID padding alike. Its gradients are
+  matmuls too, where XLA:CPU runs the transposed 3D convolution and its gradients with its slow generic
+  convolution. Any other geometry runs `lax.conv_transpose`.
+  """
+  as_matmul: bool = False
+
+  def _matmul_ok(self, inputs) -> bool:
+    k = tuple(self.kernel_size)
+    strides = tuple(self.strides) if not isinstance(self.strides, int) else (self.strides,) * len(k)
+    dil = self.kernel_dilation
+    dil = (1,) * len(k) if dil is None else ((dil,) * len(k) if isinstance(dil, int) else tuple(dil))
+    return (self.as_matmul and len(k) == 3 and inputs.ndim == 5 and k == strides and all(d == 1 for d in dil)
+            and not self.transpose_kernel and self.mask is None and self.padding in ("SAME", "VALID"))
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if not self._matmul_ok(inputs):
+      return super().__call__(inputs)
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    b, d, h, w, _ = x.shape
+    s0, s1, s2 = self.kernel_size
+    y = jnp.einsum("bdhwc,xyzco->bdxhywzo", x, kernel[::-1, ::-1, ::-1], precision=self.precision,
+                   preferred_element_type=self.preferred_element_type)
+    y = y.reshape(b, d * s0, h * s1, w * s2, kernel.shape[-1])
+    return y if bias is None else y + bias
 
 
 def set_bn_momentum(model: nnx.Module, momentum: float) -> nnx.Module:

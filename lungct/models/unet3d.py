@@ -55,15 +55,15 @@ class UNet3D(nnx.Module):
     widths = (in_channels, *features)
     self.down = nnx.List([DoubleConv(widths[i], widths[i + 1], **kw) for i in range(len(features))])
     self.up = nnx.List([
-        nnx.ConvTranspose(features[i + 1], features[i], (2, 2, 2), (2, 2, 2), padding="SAME",
-                          kernel_init=_KERNEL_INIT, dtype=dtype, param_dtype=common.PARAM_DTYPE, rngs=rngs)
+        common.ConvTranspose(features[i + 1], features[i], (2, 2, 2), (2, 2, 2), padding="SAME",
+                             kernel_init=_KERNEL_INIT, dtype=dtype, param_dtype=common.PARAM_DTYPE, rngs=rngs)
         for i in reversed(range(len(features) - 1))])
     self.merge = nnx.List([DoubleConv(2 * features[i], features[i], **kw)
                            for i in reversed(range(len(features) - 1))])
     self.dropout = nnx.Dropout(dropout)  # at the bottleneck; the key comes with each call
     self.head = nnx.Conv(features[0], num_outputs, (1, 1, 1), kernel_init=_KERNEL_INIT, dtype=dtype,
                          param_dtype=common.PARAM_DTYPE, rngs=rngs)
-    common.set_conv_impl(self, conv_impl)  # "xla" | "im2col": same parameters and outputs
+    common.set_conv_impl(self, conv_impl)  # "xla" | "im2col" | "onednn": same parameters and outputs
 
   def __call__(self, x: jax.Array, *, train: bool,
                dropout_key: jax.Array | None = None) -> jax.Array:

@@ -64,7 +64,8 @@ class Predicts(Protocol):
   """--mode=predict: `lungct.predict` reads every scan; the task turns one into a row of predictions.csv."""
 
   def scan_predictor(self, predictor, workdir: str, out_dir: str) -> Callable[..., dict]:
-    """(scan: nifti.Scan, image: (1, D, H, W, 1) model input, name: unique file stem) -> {column: value}."""
+    """(scan: nifti.Scan, image: (1, D, H, W, 1) model input, name: unique file stem, crop_start: where the model's
+    window lies in the resampled scan, `preprocess.to_scan_grid`'s argument) -> {column: value}."""
 
 
 @runtime_checkable

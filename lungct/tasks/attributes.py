@@ -345,7 +345,7 @@ def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
   n = runtime.data_size(predictor.mesh)
   targets = targets_of(config)
 
-  def predict_one(scan, image: np.ndarray, name: str) -> dict:
+  def predict_one(scan, image: np.ndarray, name: str, crop_start=None) -> dict:  # crop_start: unused here
     outputs = runtime.fetch(apply(v.params, v.batch_stats,
                                   runtime.to_global(predictor.mesh, runtime.host_slice(np.repeat(image, n, 0)))))
     pred = decode_outputs(outputs[:1], config)[0]

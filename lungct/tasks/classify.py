@@ -440,7 +440,7 @@ def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
              if rec.get("temperature") is not None else ""))
   n = runtime.data_size(predictor.mesh)
 
-  def predict_one(scan, image: np.ndarray, name: str) -> dict:
+  def predict_one(scan, image: np.ndarray, name: str, crop_start=None) -> dict:  # crop_start: unused here
     batch = np.repeat(image, n, axis=0)  # one copy per batch shard keeps the batch shardable
     prob = float(runtime.fetch(apply(v.params, v.batch_stats,
                                      runtime.to_global(predictor.mesh, runtime.host_slice(batch))))[0])

@@ -32,7 +32,8 @@ HEADLINE_METRICS = ("iou", "hd95")
 CONFIG = "configs/unet_seg.py"   # its reference config (with a seconds-long `:tiny` variant)
 CONFIG_GROUP = "segment"
 EXECUTION_KEYS = ("segment.num_overlays", "segment.sw_batch_size", "segment.overlap", "segment.mode",
-                  "segment.threshold", "segment.roi")
+                  "segment.threshold", "segment.roi", "segment.keep")
+KEEP = ("all", "center")   # config.segment.keep: every thresholded voxel, or the component at the crop's centre
 
 
 # ----------------------------------------------------------------------------- loss
@@ -56,6 +57,38 @@ def dice_bce_loss(logits: jax.Array, masks: jax.Array, *, lambda_dice: float = 1
   """
   bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), masks.astype(jnp.float32)))
   return lambda_dice * soft_dice_loss(logits, masks) + lambda_ce * bce
+
+
+# ----------------------------------------------------------------------------- probabilities -> mask
+
+def center_component(pred: np.ndarray) -> np.ndarray:
+  """The connected component (26-connected) of ``pred`` that holds the volume's centre voxel or, when none does,
+  the one with the voxel nearest to the centre (ties: the larger component); empty if ``pred`` is."""
+  from scipy import ndimage
+  labels, n = ndimage.label(pred, structure=np.ones((3, 3, 3), bool))
+  if n <= 1:
+    return labels > 0
+  center = (np.asarray(pred.shape) - 1) / 2.0
+  coords = np.argwhere(labels > 0)
+  dist = np.linalg.norm(coords - center, axis=1)
+  ids = labels[tuple(coords.T)]
+  near = np.full(n + 1, np.inf)
+  np.minimum.at(near, ids, dist)
+  sizes = np.bincount(ids, minlength=n + 1)
+  best = min(range(1, n + 1), key=lambda i: (near[i], -sizes[i]))
+  return labels == best
+
+
+def lesion_mask(prob: np.ndarray, sc) -> np.ndarray:
+  """(D, H, W) probabilities -> bool mask: above ``segment.threshold``; with ``segment.keep="center"`` only the
+  component at the crop's centre (for crops centred on one lesion: the nodule recipe's geometry)."""
+  pred = np.asarray(prob) > sc.threshold
+  keep = sc.get("keep", "all")
+  if keep == "center":
+    pred = center_component(pred)
+  elif keep != "all":
+    raise ValueError(f"config.segment.keep={keep!r}: must be one of {KEEP}")
+  return pred
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -85,6 +118,28 @@ def summarize(cases: list[dict]) -> dict[str, float]:
           "lesion_free_with_fp": float(sum(c["pred_ml"] > 0 for c in free))}
 
 
+CI_METRICS = ("dice", "iou", "hd95")
+
+
+def with_confidence(cases: list[dict], *, n_boot: int, seed: int) -> dict[str, dict]:
+  """Dice, IoU and HD95 over the lesion cases with 95% bootstrap CIs, patients resampled (all their cases
+  together): the mean of the per-case values (HD95 over the cases where it is defined, as `summarize`)."""
+  les = [c for c in cases if c["has_lesion"]]
+  groups = np.array([str(c["patient_id"]) for c in les])
+  out = {}
+  for name in CI_METRICS:
+    vals = np.array([np.nan if c.get(name) is None else float(c[name]) for c in les], np.float64)
+    fn = lambda _, v: float(np.nanmean(v)) if np.any(np.isfinite(v)) else float("nan")  # noqa: E731
+    if not len(vals):
+      out[name] = {"value": None, "lo": None, "hi": None, "n_used": 0, "n_cases": 0}
+      continue
+    ci = metrics.bootstrap_ci(np.zeros(len(vals)), vals, fn, groups=groups, n_boot=n_boot, seed=seed)
+    out[name] = {"value": ci.point, "lo": ci.lo, "hi": ci.hi, "n_used": ci.n_used,
+                 "n_cases": int(np.isfinite(vals).sum())}
+  out["n_patients"] = int(len(set(groups.tolist())))
+  return out
+
+
 # ----------------------------------------------------------------------------- the task
 
 def check(config) -> list[str]:
@@ -98,6 +153,8 @@ def check(config) -> list[str]:
     errors.append(f"config.segment.overlap={sc.overlap!r}: must be in [0, 1)")
   if not 0 <= sc.pos_fraction <= 1:
     errors.append(f"config.segment.pos_fraction={sc.pos_fraction!r}: must be in [0, 1]")
+  if sc.get("keep", "all") not in KEEP:
+    errors.append(f"config.segment.keep={sc.get('keep')!r}: must be one of {KEEP}")
   return errors
 
 
@@ -150,7 +207,7 @@ def evaluate(apply, variables, mesh, source, config, *, keep: int = 0):
     image = ex["image"]
     prob = inferers.sliding_window_inference(predict_fn, image[None], roi, sc.overlap, sc.mode,
                                              sw_batch_size=sc.sw_batch_size)[0, ..., 0]
-    pred, true = prob > sc.threshold, ex["mask"][..., 0] > 0
+    pred, true = lesion_mask(prob, sc), ex["mask"][..., 0] > 0
     case = {"study_id": ex["study_id"], "patient_id": ex["patient_id"],
             **case_metrics(pred, true, tuple(float(s) for s in ex["voxel_spacing"]))}
     cases.append(case)
@@ -168,7 +225,9 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
   summary, out = evaluate(apply, v, predictor.mesh, sources[split], config, keep=config.segment.num_overlays)
   result = {"checkpoint": predictor.checkpoint, "checkpoint_step": predictor.step,
             "checkpoint_fingerprint": runtime.fingerprint(predictor), "split": split,
-            "threshold": config.segment.threshold, "summary": summary, "cases": out["cases"]}
+            "threshold": config.segment.threshold, "keep": config.segment.get("keep", "all"), "summary": summary,
+            "ci": with_confidence(out["cases"], n_boot=config.eval.n_boot, seed=config.seed),
+            "cases": out["cases"]}
   if runtime.is_main_process():
     from lungct import viz
     out_dir = os.path.join(workdir, "seg_overlays")
@@ -180,10 +239,17 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
     path = os.path.join(workdir, f"eval_{split}.json")
     with open(path, "w") as f:
       json.dump(metrics.json_safe(result), f, indent=2, allow_nan=False)
-    s = summary
-    print(f"{split}: Dice {s['dice']:.3f} IoU {s['iou']:.3f} HD95 {s['hd95']:.1f} mm on {s['num_lesion_cases']} "
-          f"lesion cases; mean false-positive volume {s['fp_ml_lesion_free']:.2f} ml on "
-          f"{s['num_lesion_free_cases']} lesion-free cases. Wrote {path} and {len(out['kept'])} overlays to {out_dir}")
+    s, ci = summary, result["ci"]
+    def fmt(name, digits):
+      m = ci[name]
+      if m["value"] is None or not np.isfinite(m["value"]):
+        return "n/a"
+      return f"{m['value']:.{digits}f} [{m['lo']:.{digits}f}, {m['hi']:.{digits}f}]"
+    print(f"{split}: Dice {fmt('dice', 3)} IoU {fmt('iou', 3)} HD95 {fmt('hd95', 1)} mm (95% CIs, patients "
+          f"resampled) on {s['num_lesion_cases']} lesion cases of {ci['n_patients']} patients"
+          + (f"; mean false-positive volume {s['fp_ml_lesion_free']:.2f} ml on {s['num_lesion_free_cases']} "
+             "lesion-free cases" if s["num_lesion_free_cases"] else "")
+          + f". Wrote {path} and {len(out['kept'])} overlays to {out_dir}")
   return result
 
 
@@ -191,30 +257,23 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
 
 def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
   """Per scan: the lesion mask as NIfTI on the scan's own grid (``<name>_mask.nii.gz`` in ``out_dir``, same shape
-  and affine as the input file) and the lesion volume in ml (scan grid; model grid alongside)."""
+  and affine as the input file; the model's window put back where `predict` cut it, around the given lesion for a
+  model trained on lesion-centred crops) and the lesion volume in ml (scan grid; model grid alongside)."""
   from lungct.data import nifti, preprocess
   config = predictor.config
-  if preprocess.needs_lesion(config.data):
-    from lungct import config_check
-    raise config_check.ConfigError(
-        "config.data.crop_center='mask': this model was trained on crops centred on the lesion mask, so its input "
-        "needs the very lesion it should find; segmentation predict covers models whose crop does not depend on "
-        "the lesion (data.crop_center='center' or data.fit='resize')")
   sc = config.segment
   v = predictor.variables
   apply = make_apply(v.graphdef, predictor.mesh, config)
   roi = tuple(sc.roi) if sc.roi else tuple(sc.patch)
   predict_fn = lambda x: runtime.fetch(apply(v.params, v.batch_stats, x))  # noqa: E731
-  voxel_model_ml = None
 
-  def predict_one(scan, image: np.ndarray, name: str) -> dict:
-    nonlocal voxel_model_ml
+  def predict_one(scan, image: np.ndarray, name: str, crop_start=None) -> dict:
     prob = inferers.sliding_window_inference(predict_fn, image, roi, sc.overlap, sc.mode,
                                              sw_batch_size=sc.sw_batch_size)[0, ..., 0]
-    pred = prob > sc.threshold
+    pred = lesion_mask(prob, sc)
     spacing_dhw = np.asarray(scan.spacing, np.float64)[::-1]
     shape_dhw = scan.volume.shape[::-1]
-    on_scan = preprocess.to_scan_grid(pred, shape_dhw, spacing_dhw, config.data)
+    on_scan = preprocess.to_scan_grid(pred, shape_dhw, spacing_dhw, config.data, crop_start)
     target = preprocess.target_spacing(config.data)
     model_spacing = np.asarray(target, np.float64) if target else spacing_dhw
     row = {"lesion_ml": f"{float(on_scan.sum()) * float(np.prod(spacing_dhw)) / 1000.0:.4f}",
