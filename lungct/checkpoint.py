@@ -76,14 +76,19 @@ def managers(workdir: str, *, keep: int = 2, best_metric: str = BEST_METRIC
   best_path = os.path.abspath(os.path.join(workdir, BEST_DIR))
   for p in (latest_path, best_path):
     check_writable(p)
+  # Both save the same step (an improving evaluation): on several processes each async commit ends in a barrier
+  # named after the step, so each manager needs its own barrier prefix ("Barrier _async_commit_complete.3 is
+  # already ongoing" otherwise, when latest's commit is still running as best's starts).
+  sync = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
   latest = ocp.CheckpointManager(
       latest_path,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, multiprocessing_options=sync("latest")),
       item_names=("state", "meta"))
   best = ocp.CheckpointManager(
       best_path,
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode="max"),
+          max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode="max",
+          multiprocessing_options=sync("best")),
       item_names=("state", "meta"))
   return latest, best
 
