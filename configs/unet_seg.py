@@ -37,6 +37,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.segment.sw_batch_size = 4           # windows per forward pass
   c.segment.threshold = 0.5             # probability -> mask
   c.segment.keep = "all"                # all | center: only the connected component at the crop's centre
+  c.segment.tta = "none"                # none | flips: each window's probabilities averaged over its 8 flips
   c.segment.lambda_dice = 1.0           # DiceCELoss weights
   c.segment.lambda_ce = 1.0
   c.segment.num_overlays = 4            # --mode=eval: mask_comparison PNGs written to <workdir>/seg_overlays/

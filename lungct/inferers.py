@@ -7,10 +7,13 @@ Every task uses these; none of them knows what the outputs mean.
   mesh (the classification and attribute tasks).
 * `sliding_window_inference`: a whole-volume prediction from a patch predictor, windows blended by an
   `importance_map` (segmentation).
+* `flip_averaged`: test-time augmentation of a patch predictor, its outputs averaged over the flips of its input
+  (each flipped back).
 * `random_patches`: the training crops of a patch-trained model.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Iterator
 
@@ -110,6 +113,30 @@ def sliding_window_inference(predict_fn: Callable[[np.ndarray], Any], volume: np
   out /= norm[None, ..., None]
   return out[:, pad[0][0]:pad[0][0] + spatial[0], pad[1][0]:pad[1][0] + spatial[1],
              pad[2][0]:pad[2][0] + spatial[2]]
+
+
+# ----------------------------------------------------------------------------- test-time augmentation
+
+TTA = ("none", "flips")   # segment.tta: the predictor as it is, or averaged over the 8 flips of the 3 spatial axes
+
+
+def flip_averaged(predict_fn: Callable[[np.ndarray], Any], axes: tuple[int, ...] = (1, 2, 3)
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+  """``predict_fn`` averaged over all 2^len(axes) flips of its input, each output flipped back (MONAI's
+  TestTimeAugmentation with RandFlip, exhaustively): exact on a voxel grid, no interpolation. ``axes`` index the
+  (B, D, H, W, C) batch; the output must keep the input's spatial shape. Each call of the result calls
+  ``predict_fn`` 2^len(axes) times with the same shape (a jitted predictor compiles once)."""
+  subsets = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+  def averaged(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    total = None
+    for flip in subsets:
+      p = np.asarray(predict_fn(np.ascontiguousarray(np.flip(x, flip)) if flip else x), np.float32)
+      p = np.flip(p, flip) if flip else p
+      total = p.copy() if total is None else total + p
+    return total / len(subsets)
+  return averaged
 
 
 # ----------------------------------------------------------------------------- patches (training)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import unet_seg
-from lungct import evaluate, inferers, main, models, tasks, train
+from lungct import config_check, evaluate, inferers, main, models, tasks, train
 from lungct.tasks import segment
 from tests.helpers import tiny_config
 
@@ -90,6 +90,42 @@ def test_sliding_window_pads_small_volume_and_weights_windows():
   assert out[6] == pytest.approx((3 * a + b) / (a + b), rel=1e-5)   # the mirror image: 2.7616
 
 
+def test_flip_tta_averages_the_eight_flipped_back_outputs():
+  """A predictor that is not flip-equivariant (it adds a ramp along each axis, and mixes in the batch's other
+  window): segment.tta="flips" gives the hand-computed mean of its 8 flipped-back outputs, "none" the plain one."""
+  rng = np.random.default_rng(3)
+  vol = rng.random((2, 8, 6, 4, 1)).astype(np.float32)
+  ramp = (np.arange(8)[:, None, None] + 10 * np.arange(6)[None, :, None] + 100 * np.arange(4)[None, None, :])
+  ramp = ramp[None, ..., None].astype(np.float32)
+  shapes = []
+
+  def skewed(x):
+    shapes.append(x.shape)
+    return x * ramp + 0.5 * x[::-1]
+  sc = ml_collections.ConfigDict({"roi": (), "patch": (8, 6, 4), "overlap": 0.5, "mode": "gaussian",
+                                  "sw_batch_size": 2, "tta": "none"})
+  np.testing.assert_allclose(segment.probabilities(skewed, vol, sc), skewed(vol)[..., 0], rtol=1e-6)
+  expected = np.zeros_like(vol)
+  for fd in (False, True):
+    for fh in (False, True):
+      for fw in (False, True):
+        axes = tuple(a for a, f in zip((1, 2, 3), (fd, fh, fw)) if f)
+        expected += np.flip(skewed(np.flip(vol, axes)), axes) / 8
+  sc.tta = "flips"
+  shapes.clear()
+  got = segment.probabilities(skewed, vol, sc)
+  assert len(shapes) == 8 and set(shapes) == {(2, 8, 6, 4, 1)}    # one window batch, 8 calls of one shape
+  np.testing.assert_allclose(got, expected[..., 0], rtol=1e-5)
+  assert not np.allclose(got, skewed(vol)[..., 0], rtol=1e-3)      # the flips changed the answer
+  # An equivariant predictor is unchanged by it; an unknown tta is refused by the config check.
+  np.testing.assert_allclose(segment.probabilities(lambda x: 2 * x, vol, sc), 2 * vol[..., 0], rtol=1e-6)
+  c = unet_seg.get_config("tiny")
+  assert c.segment.tta == "none" and segment.check(c) == []
+  c.segment.tta = "rot90"
+  assert segment.check(c) == ["config.segment.tta='rot90': must be one of ('none', 'flips')"]
+  assert config_check.is_execution_key("segment.tta", segment.EXECUTION_KEYS)
+
+
 def test_case_metrics_and_summary():
   true = np.zeros((4, 4, 4), bool)
   true[1:3, 1:3, 1:3] = True                                # 8 voxels
@@ -150,6 +186,13 @@ def test_short_training_run(seg_run):
   assert len(saved["cases"]) == len(result["cases"]) > 0
   assert saved["summary"]["dice"] == pytest.approx(m["validation"]["dice"])  # same checkpoint, same numbers
   assert all(os.path.exists(p) for p in result["overlays"])
+  # segment.tta is an inference setting: taken from the current config, not the checkpoint's, and recorded.
+  assert saved["tta"] == "none"
+  flips = c.copy_and_resolve_references()
+  flips.segment.tta = "flips"
+  flipped = evaluate.evaluate_checkpoint(flips, workdir, split="validation")
+  assert json.load(open(os.path.join(workdir, "eval_validation.json")))["tta"] == flipped["tta"] == "flips"
+  assert len(flipped["cases"]) == len(result["cases"])
 
 
 @pytest.mark.parametrize("mode", ["report"])

@@ -6,7 +6,8 @@ evaluated on whole volumes with sliding-window inference.
 
 Training crops random patches of ``config.segment.patch`` (centred on a lesion voxel with probability
 ``config.segment.pos_fraction``); validation and test run on whole volumes with
-`inferers.sliding_window_inference` (MONAI's semantics), thresholded at ``config.segment.threshold``.
+`inferers.sliding_window_inference` (MONAI's semantics; with ``config.segment.tta="flips"`` each window's
+prediction averaged over its 8 flips, `inferers.flip_averaged`), thresholded at ``config.segment.threshold``.
 Metrics per case (MONAI names): Dice, IoU and Hausdorff-95 (mm) on cases with a lesion; the
 false-positive volume (ml) on cases without one.
 """
@@ -32,7 +33,7 @@ HEADLINE_METRICS = ("iou", "hd95")
 CONFIG = "configs/unet_seg.py"   # its reference config (with a seconds-long `:tiny` variant)
 CONFIG_GROUP = "segment"
 EXECUTION_KEYS = ("segment.num_overlays", "segment.sw_batch_size", "segment.overlap", "segment.mode",
-                  "segment.threshold", "segment.roi", "segment.keep")
+                  "segment.threshold", "segment.roi", "segment.keep", "segment.tta")
 KEEP = ("all", "center")   # config.segment.keep: every thresholded voxel, or the component at the crop's centre
 
 
@@ -59,7 +60,21 @@ def dice_bce_loss(logits: jax.Array, masks: jax.Array, *, lambda_dice: float = 1
   return lambda_dice * soft_dice_loss(logits, masks) + lambda_ce * bce
 
 
-# ----------------------------------------------------------------------------- probabilities -> mask
+# ----------------------------------------------------------------------------- volumes -> probabilities -> mask
+
+def probabilities(predict_fn, images: np.ndarray, sc) -> np.ndarray:
+  """(B, D, H, W, C) volumes -> (B, D, H, W) lesion probabilities: sliding windows of ``segment.roi`` (empty: the
+  patch) through the patch predictor ``predict_fn``, averaged over the 8 flips of each window (each flipped back)
+  with ``segment.tta="flips"``. The one inference path of eval, training's validation and predict."""
+  tta = sc.get("tta", "none")   # configs saved before the key existed: none
+  if tta == "flips":
+    predict_fn = inferers.flip_averaged(predict_fn)
+  elif tta != "none":
+    raise ValueError(f"config.segment.tta={tta!r}: must be one of {inferers.TTA}")
+  roi = tuple(sc.roi) if sc.roi else tuple(sc.patch)
+  return inferers.sliding_window_inference(predict_fn, images, roi, sc.overlap, sc.mode,
+                                           sw_batch_size=sc.sw_batch_size)[..., 0]
+
 
 def center_component(pred: np.ndarray) -> np.ndarray:
   """The connected component (26-connected) of ``pred`` that holds the volume's centre voxel or, when none does,
@@ -155,6 +170,8 @@ def check(config) -> list[str]:
     errors.append(f"config.segment.pos_fraction={sc.pos_fraction!r}: must be in [0, 1]")
   if sc.get("keep", "all") not in KEEP:
     errors.append(f"config.segment.keep={sc.get('keep')!r}: must be one of {KEEP}")
+  if sc.get("tta", "none") not in inferers.TTA:
+    errors.append(f"config.segment.tta={sc.get('tta')!r}: must be one of {inferers.TTA}")
   return errors
 
 
@@ -199,14 +216,12 @@ def evaluate(apply, variables, mesh, source, config, *, keep: int = 0):
   """(summary over the split, per-case rows); the first ``keep`` lesion cases also get (image, true, pred)."""
   from lungct.data import pipeline
   sc = config.segment
-  roi = tuple(sc.roi) if sc.roi else tuple(sc.patch)
   predict_fn = lambda x: runtime.fetch(apply(variables.params, variables.batch_stats, x))  # noqa: E731
   cases, kept = [], []
   for i in range(len(source)):
     ex = pipeline.decode(source[i])
     image = ex["image"]
-    prob = inferers.sliding_window_inference(predict_fn, image[None], roi, sc.overlap, sc.mode,
-                                             sw_batch_size=sc.sw_batch_size)[0, ..., 0]
+    prob = probabilities(predict_fn, image[None], sc)[0]
     pred, true = lesion_mask(prob, sc), ex["mask"][..., 0] > 0
     case = {"study_id": ex["study_id"], "patient_id": ex["patient_id"],
             **case_metrics(pred, true, tuple(float(s) for s in ex["voxel_spacing"]))}
@@ -225,7 +240,7 @@ def run_eval(predictor: runtime.Predictor, sources: dict, workdir: str, split: s
   summary, out = evaluate(apply, v, predictor.mesh, sources[split], config, keep=config.segment.num_overlays)
   result = {"checkpoint": predictor.checkpoint, "checkpoint_step": predictor.step,
             "checkpoint_fingerprint": runtime.fingerprint(predictor), "split": split,
-            "threshold": config.segment.threshold, "keep": config.segment.get("keep", "all"), "summary": summary,
+            "threshold": config.segment.threshold, "keep": config.segment.get("keep", "all"), "tta": config.segment.get("tta", "none"), "summary": summary,
             "ci": with_confidence(out["cases"], n_boot=config.eval.n_boot, seed=config.seed),
             "cases": out["cases"]}
   if runtime.is_main_process():
@@ -264,12 +279,10 @@ def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
   sc = config.segment
   v = predictor.variables
   apply = make_apply(v.graphdef, predictor.mesh, config)
-  roi = tuple(sc.roi) if sc.roi else tuple(sc.patch)
   predict_fn = lambda x: runtime.fetch(apply(v.params, v.batch_stats, x))  # noqa: E731
 
   def predict_one(scan, image: np.ndarray, name: str, crop_start=None) -> dict:
-    prob = inferers.sliding_window_inference(predict_fn, image, roi, sc.overlap, sc.mode,
-                                             sw_batch_size=sc.sw_batch_size)[0, ..., 0]
+    prob = probabilities(predict_fn, image, sc)[0]
     pred = lesion_mask(prob, sc)
     spacing_dhw = np.asarray(scan.spacing, np.float64)[::-1]
     shape_dhw = scan.volume.shape[::-1]
@@ -344,8 +357,9 @@ def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, o
       "test_line": f"{'External test' if split == 'external' else 'Test'} set: {len(cases)} studies from "
                    f"{n_patients} patients, {len(les)} with a lesion.",
       "sections": [(f"Segmentation on the {where}", [
-          ("p", f"Whole volumes, sliding-window inference, lesion where the probability exceeds "
-                f"{result.get('threshold', config.segment.threshold)}. Each metric is a mean over the cases it "
+          ("p", f"Whole volumes, sliding-window inference"
+                f"{' averaged over the 8 flips of each window' if result.get('tta') == 'flips' else ''}, lesion "
+                f"where the probability exceeds {result.get('threshold', config.segment.threshold)}. Each metric is a mean over the cases it "
                 f"applies to, with a 95% bootstrap confidence interval (patients resampled with all their studies, "
                 f"{config.eval.n_boot} draws). Dice and IoU: overlap with the reference mask (1 = identical); HD95: "
                 f"the 95th percentile of the surface distance in mm, undefined where nothing was predicted; "
