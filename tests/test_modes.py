@@ -9,16 +9,12 @@ import pytest
 from lungct import config_check, evaluate, predict, report, runtime, tasks, train
 from lungct.tasks import classify
 from lungct.data import phantom
-from tests.helpers import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config, tiny_trained
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("tfds")
-  workdir = str(tmp_path_factory.mktemp("run"))
-  c = tiny_config(data_dir, **{"train.num_epochs": 0, "train.num_steps": 8, "train.eval_every_steps": 4})
-  train.train_and_evaluate(c, workdir)
-  return c, workdir
+  return tiny_trained(tmp_path_factory, steps=8, eval_every=4)
 
 
 def test_eval_writes_metrics_with_cis_and_predictions(trained):

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from lungct import evaluate, runtime, tasks, train
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_trained
 
 
 class _Logged:
@@ -153,11 +153,7 @@ def test_cv_strata_say_what_the_folds_are_stratified_on():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("tfds")
-  workdir = str(tmp_path_factory.mktemp("run"))
-  c = tiny_config(data_dir, **{"train.num_epochs": 0, "train.num_steps": 4, "train.eval_every_steps": 2})
-  train.train_and_evaluate(c, workdir)
-  return c, workdir
+  return tiny_trained(tmp_path_factory, steps=4, eval_every=2)
 
 
 def _external_folder(root, patients, bad=True):
