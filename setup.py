@@ -37,5 +37,6 @@ setup(
         "test": ["pytest>=8", "scikit-learn>=1.4", "apache-beam>=2.60"],
         "beam": ["apache-beam>=2.60"],   # data.beam_options: build datasets on Beam (Dataflow, Spark, Flink)
         "bench": ["torch==2.13.0", "monai==1.6.1"],
+        "docs": ["jupytext", "nbclient", "ipykernel", "nbconvert"],  # regenerate docs/tutorial.ipynb and .md
     },
 )

@@ -15,13 +15,14 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import _common  # noqa: E402
 
 
 def write_phantom_folder(root: str, num: int, shape_xyz=(256, 256, 64), spacing=(1.25, 1.25, 5.0)) -> tuple[str, str]:
@@ -61,7 +62,7 @@ def _child(args) -> None:
   builder = lung_ct.prepare(cfg)
   dt = time.perf_counter() - t
   n = sum(len(builder.as_data_source(s)) for s in lung_ct.SPLITS)
-  print(json.dumps({"seconds": dt, "volumes": n, "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+  print(json.dumps({"seconds": dt, "volumes": n, "ru_maxrss_mb": _common.peak_rss_mb()}))
 
 
 def build_in_child(scans: str, csv_path: str, data_dir: str, shape, beam_options: str = "") -> dict:
@@ -78,7 +79,7 @@ def main(argv=None) -> dict:
   p.add_argument("--phantom-shape", type=int, nargs=3, default=(256, 256, 64), metavar=("X", "Y", "Z"))
   p.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128), metavar=("D", "H", "W"))
   p.add_argument("--workdir", default="/tmp/lungct_bench")
-  p.add_argument("--json", default="")
+  _common.add_json_arg(p)
   p.add_argument("--beam", default="", help="also build on Apache Beam with these pipeline options")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--scans", help=argparse.SUPPRESS)
@@ -104,9 +105,7 @@ def main(argv=None) -> dict:
                 "beam_over_threads": b["seconds"] / r["seconds"]})
     print(f"Beam build ({args.beam}): {b['volumes']} volumes in {b['seconds']:.1f} s; "
           f"Beam / thread pool time = {b['seconds'] / r['seconds']:.2f}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=2)
+  _common.write_json(args.json, out)
   return out
 
 

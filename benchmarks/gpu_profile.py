@@ -21,6 +21,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import _common  # noqa: E402
 import train_step  # noqa: E402
 
 
@@ -80,8 +81,7 @@ def main(argv=None) -> None:
         print(f"  {us / args.steps / 1e3:9.3f} ms  {100 * us / max(total, 1e-9):5.1f}%  {name[:110]}")
       summary[tag] = {"step_s": step_s, "volumes_per_s": batch / step_s, "kernel_ms_per_step": total / args.steps / 1e3,
                       "top": sorted(((n, us / args.steps / 1e3) for n, us in totals.items()), key=lambda kv: -kv[1])[:40]}
-  with open(os.path.join(args.out, "gpu_profile.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  _common.write_json(os.path.join(args.out, "gpu_profile.json"), summary, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ measurement of the tutorial CNN's lungct step): the target is a ratio >= 5.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,6 +26,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
 
 
 def tutorial_volume(path: str, shape_dhw, rng: np.random.Generator) -> np.ndarray:
@@ -108,7 +109,7 @@ def main(argv=None) -> dict:
   p.add_argument("--tutorial-volumes", type=int, default=12, help="timed tutorial volumes")
   p.add_argument("--train-vps", type=float, default=0.0, help="train step volumes/s (0: measure cnn3d)")
   p.add_argument("--workdir", default="/tmp/lungct_bench")
-  p.add_argument("--json", default="")
+  _common.add_json_arg(p)
   args = p.parse_args(argv)
   import dataset_build
   from lungct.data import lung_ct
@@ -132,9 +133,7 @@ def main(argv=None) -> dict:
   print(f"  lungct loader as configured (grain threads + prefetch), alone: {lungct_vps:8.2f} volumes/s")
   print(f"  train step consumes {train_vps:.2f} volumes/s: loader/train = {out['loader_over_train']:.1f}x "
         f"({'meets' if out['loader_over_train'] >= 5 else 'BELOW'} the 5x target)")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=2)
+  _common.write_json(args.json, out)
   return out
 
 

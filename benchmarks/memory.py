@@ -19,6 +19,9 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _common  # noqa: E402
 
 
 def peak_rss(side: str, model: str, batch: int, shape, steps: int, dtype: str, extra=()) -> dict:
@@ -43,10 +46,8 @@ def main(argv=None) -> dict:
   p.add_argument("--conv-impl", default="", help="also measure lungct with this conv_impl (e.g. im2col)")
   p.add_argument("--lungct", nargs="*", default=None,
                  help="lungct variants instead of the default config: conv_impl[+remat_policy] each")
-  p.add_argument("--json", default="")
+  _common.add_json_arg(p)
   args = p.parse_args(argv)
-  sys.path.insert(0, HERE)
-  import train_step
   runs = {"lungct": ("lungct", ())}
   if args.lungct:
     runs = {}
@@ -55,7 +56,7 @@ def main(argv=None) -> dict:
       runs[f"lungct[{spec}]"] = ("lungct", ("--conv-impl", impl, *(("--remat-policy", policy) if policy else ())))
   if args.conv_impl:
     runs[f"lungct[{args.conv_impl}]"] = ("lungct", ("--conv-impl", args.conv_impl))
-  if train_step.have_torch():
+  if _common.have_torch():
     runs["pytorch"] = ("pytorch", ())
   out = {"model": args.model, "batch": args.batch, "shape": list(args.shape), "steps": args.steps, "results": {}}
   for name, (side, extra) in runs.items():
@@ -71,9 +72,7 @@ def main(argv=None) -> dict:
         print(f"  {name} / pytorch: {r['ratio_over_pytorch']:.2f}")
     if "lungct" in out["results"]:
       out["ratio_lungct_over_pytorch"] = out["results"]["lungct"]["ratio_over_pytorch"]
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=2)
+  _common.write_json(args.json, out)
   return out
 
 

@@ -26,6 +26,8 @@ import time
 import numpy as np
 import torch
 
+import _common
+
 SHAPE = (32, 32, 32)
 BATCH = 16
 
@@ -118,7 +120,7 @@ def main(argv=None) -> dict:
   p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
   p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--json", default="")
+  _common.add_json_arg(p)
   args = p.parse_args(argv)
   t0 = time.perf_counter()
   from monai.data import CacheDataset, DataLoader
@@ -164,9 +166,7 @@ def main(argv=None) -> dict:
          "workers": args.workers}
   out["total_s"] = time.perf_counter() - t0
   print(json.dumps(out))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=2)
+  _common.write_json(args.json, out)
   return out
 
 

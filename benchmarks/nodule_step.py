@@ -48,7 +48,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-import train_step as ts  # noqa: E402  (peak, timing and CPU-name helpers)
+import _common  # noqa: E402  (--json, peak, timing and CPU helpers)
+import train_step as ts  # noqa: E402  (the FLOP count of a compiled step)
 
 BATCH = 16
 SHAPE = (32, 32, 32)
@@ -186,7 +187,7 @@ def setup_monai(total_steps: int = 180) -> tuple[Callable[[], None], dict]:
 def matmul_peak() -> float:
   """The numpy float32 matmul on CPU; a jnp float32 matmul on an accelerator."""
   import jax
-  return ts.numpy_matmul_peak() if jax.default_backend() == "cpu" else ts.jax_matmul_peak("float32")
+  return _common.numpy_matmul_peak() if jax.default_backend() == "cpu" else _common.jax_matmul_peak("float32")
 
 
 def part_step(args) -> dict[str, Any]:
@@ -196,13 +197,13 @@ def part_step(args) -> dict[str, Any]:
   for impl in args.lungct:
     name = "lungct" if len(args.lungct) == 1 else f"lungct[{impl}]"
     fns[name], info[name] = setup_lungct(impl)
-  if ts.have_torch():
+  if _common.have_torch():
     fns["twin"], info["twin"] = setup_twin()
     fns["monai"], info["monai"] = setup_monai()
   else:
     print("[nodule_step] torch is not installed: lungct only", file=sys.stderr)
   flops = lungct_flops()
-  times = ts.time_interleaved(fns, args.steps, args.warmup)
+  times = _common.time_interleaved(fns, args.steps, args.warmup)
   peak = max(peak0, matmul_peak())
   out = {"peak_gflops": peak, "flops_per_step": flops, "backend": jax.default_backend(),
          "device": str(jax.devices()[0].device_kind), "sides": {}}
@@ -286,7 +287,7 @@ def part_run(args, tmp: str) -> dict[str, Any]:
                      "test_auc": m["test"]["auc"], "best_step": m["best_step"], "steps": m["steps"],
                      "time_s": m.get("time_s", {}),
                      "compile_cache": ("warm" if i else "cold") if args.compile_cache else "off"})
-      elif ts.have_torch():
+      elif _common.have_torch():
         res = os.path.join(tmp, f"monai{r}.json")
         cmd = [sys.executable, os.path.join(HERE, "monai_nodule.py"), f"--csv={split_csv}", f"--root={DATA}",
                f"--epochs={args.epochs}", f"--workers={args.monai_workers}", f"--json={res}"]
@@ -367,11 +368,11 @@ def main(argv=None) -> dict[str, Any]:
   p.add_argument("--compile-cache", action="store_true", help="also time a lungct rerun with JAX's persistent "
                  "compilation cache warm (JAX_COMPILATION_CACHE_DIR; the first lungct run fills it)")
   p.add_argument("--workdir", default="", help="keep the runs' files here (default: a temporary folder)")
-  p.add_argument("--json", default="")
+  _common.add_json_arg(p)
   args = p.parse_args(argv)
   args.lungct = args.lungct.split(",") if args.lungct else [""]
-  out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": ts._cpu_name(),
-         "cpu_flags": cpu_flags(), "load_average_before": os.getloadavg(), "args": vars(args)}
+  out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": _common.cpu_name(),
+         "cpu_flags": _common.cpu_flags(), "load_average_before": os.getloadavg(), "args": vars(args)}
   if args.part in ("step", "both"):
     out["step"] = part_step(args)
     print_step(out["step"])
@@ -386,22 +387,8 @@ def main(argv=None) -> dict[str, Any]:
   out["load_average_after"] = os.getloadavg()
   print(f"load average before {tuple(round(x, 1) for x in out['load_average_before'])}, "
         f"after {tuple(round(x, 1) for x in out['load_average_after'])}; {out['cpu']}; {out['cpu_flags']}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=2)
-    print(f"wrote {args.json}")
+  _common.write_json(args.json, out)
   return out
-
-
-def cpu_flags() -> str:
-  """The vector ISA extensions of this CPU that matter here (from /proc/cpuinfo)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
-  except (OSError, StopIteration):
-    return "?"
-  keep = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
-  return " ".join(k for k in keep if k in flags)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Variants (the same parameters, the same batch):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import _common  # noqa: E402
 
 
 def setup(variant: str):
@@ -66,7 +67,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--variants", default="xla,onednn,onednn_laxup")
-  p.add_argument("--json", default="")
+  _common.add_json_arg(p)
   args = p.parse_args()
   variants = args.variants.split(",")
   fns, out = {}, {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
@@ -89,9 +90,7 @@ def main():
     print(f"{v:14s} median step {med:.3f} s  ({8 / med:.1f} vol/s)  {ref / med:.2f}x {variants[0]}  "
           f"(compile {out['variants'][v]['compile_s']:.0f} s)")
   print(f"load average {out['load_before']:.1f} before, {out['load_after']:.1f} after")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=2)
+  _common.write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
+
+import _common
 
 
 def parse_args(argv=None):
@@ -38,7 +39,7 @@ def parse_args(argv=None):
   p.add_argument("--resnet_width", type=int, default=16)
   p.add_argument("--resnet_stem_stride", default="1,2,2")
   p.add_argument("--cpu_devices", type=int, default=8, help="virtual CPU devices (0: use the real devices)")
-  p.add_argument("--out", default="", help="write the results as JSON here")
+  _common.add_json_arg(p, "--out")
   return p.parse_args(argv)
 
 
@@ -131,25 +132,11 @@ def main(argv=None):
 
   out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
          "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
-         "device_kind": jax.devices()[0].device_kind, "cpu": _cpu_name(), "host_cores": os.cpu_count(),
+         "device_kind": jax.devices()[0].device_kind, "cpu": _common.cpu_name(with_count=False), "host_cores": os.cpu_count(),
          "results": results}
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(out, f, indent=1)
+  _common.write_json(args.out, out, indent=1)
   print(_table(results))
   return out
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def _table(rows) -> str:

@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
-import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -34,7 +31,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from _common import (add_json_arg, cpu_name, have_torch, jax_matmul_peak, numpy_matmul_peak,  # noqa: E402
+                     peak_rss_mb, time_interleaved, write_json)
 
 MODELS = ("cnn3d", "resnet18")
 
@@ -59,49 +61,6 @@ def import_train():
     sys.modules.setdefault(name, types.ModuleType(name))
   from lungct import train
   return train
-
-
-def have_torch() -> bool:
-  return importlib.util.find_spec("torch") is not None
-
-
-def peak_rss_mb() -> float:
-  """This process's peak resident set size in MiB (ru_maxrss is KiB on Linux)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def time_steps(step: Callable[[], Any], steps: int, warmup: int) -> list[float]:
-  """Seconds per call of `step` (which must block until its work is done), after `warmup` calls."""
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  return times
-
-
-def numpy_matmul_peak(n: int = 4096, reps: int = 5) -> float:
-  """Best float32 GFLOP/s of an n x n numpy matmul: the practical CPU peak."""
-  rng = np.random.default_rng(0)
-  a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
-  a @ b
-  best = min(time_steps(lambda: a @ b, reps, 0))
-  return 2 * n ** 3 / best / 1e9
-
-
-def jax_matmul_peak(dtype: str, n: int = 8192, reps: int = 10) -> float:
-  """Best GFLOP/s of an n x n jnp matmul on the default device in `dtype`."""
-  import jax
-  import jax.numpy as jnp
-  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  a = jax.random.normal(k1, (n, n), jnp.dtype(dtype))
-  b = jax.random.normal(k2, (n, n), jnp.dtype(dtype))
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, b).block_until_ready()
-  best = min(time_steps(lambda: f(a, b).block_until_ready(), reps, 1))
-  return 2 * n ** 3 / best / 1e9
 
 
 def lungct_config(model: str, batch: int, shape: tuple[int, int, int], dtype: str, remat: bool | str,
@@ -180,7 +139,6 @@ def setup_lungct(model: str, batch: int, shape, dtype: str, remat: bool,
   """
   import contextlib
   import jax
-  import jax.numpy as jnp
   train = import_train()
   conv_impl, _, variant = (conv_impl or "").partition(":")
   pool = _reshape_pool() if variant == "rpool" else contextlib.nullcontext()
@@ -235,20 +193,6 @@ def setup_torch(model: str, batch: int, shape, dtype: str) -> tuple[Callable[[],
                "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, list[float]]:
-  """Step times of each function, calls alternating (A B A B ...) so a busy machine slows both alike."""
-  for _ in range(warmup):
-    for f in fns.values():
-      f()
-  times: dict[str, list[float]] = {k: [] for k in fns}
-  for _ in range(steps):
-    for k, f in fns.items():
-      t = time.perf_counter()
-      f()
-      times[k].append(time.perf_counter() - t)
-  return times
-
-
 # ----------------------------------------------------------------------------- main
 
 def summarise(r: dict[str, Any], batch: int, flops: float, peak: float) -> dict[str, Any]:
@@ -275,7 +219,7 @@ def main(argv=None) -> dict[str, Any]:
   p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
   p.add_argument("--no-flops", action="store_true",
                  help="--side pytorch: skip the XLA FLOP count (keeps JAX out of the process, for memory.py)")
-  p.add_argument("--json", default="", help="write the results here")
+  add_json_arg(p)
   args = p.parse_args(argv)
 
   jax_free = args.side == "pytorch" and args.no_flops and args.no_peak
@@ -302,7 +246,7 @@ def main(argv=None) -> dict[str, Any]:
   peak_used = peak_used or 0.0
 
   out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-         "cpu": _cpu_name(), "backend": backend, "args": vars(args), "peak_gflops": peak, "results": {}}
+         "cpu": cpu_name(), "backend": backend, "args": vars(args), "peak_gflops": peak, "results": {}}
   impls = (args.conv_impl or "").split(",") if args.conv_impl else [None]
   remat = args.remat_policy or args.remat
   for m in models:
@@ -321,7 +265,6 @@ def main(argv=None) -> dict[str, Any]:
     else:  # the FLOP count still comes from XLA: compile without running
       flops = _flops_only(m, args.batch, shape, args.dtype, remat)
     if "pytorch" in sides:
-      sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
       fns["pytorch"], res["pytorch"] = setup_torch(m, args.batch, shape, args.dtype)
     for side, times in time_interleaved(fns, args.steps, args.warmup).items():
       r = res[side]
@@ -341,11 +284,7 @@ def main(argv=None) -> dict[str, Any]:
         res[side]["mfu"] = res[side]["gflops_per_s"] / peak["numpy_float32"]
     peak_used = peak["numpy_float32"]
   print_table(out, peak_used)
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=2)
-    print(f"wrote {args.json}")
+  write_json(args.json, out)
   return out
 
 
@@ -357,17 +296,6 @@ def _flops_only(model, batch, shape, dtype, remat) -> float:
   config = lungct_config(model, batch, shape, dtype, remat, "xla")
   step_fn, state, data, key = _compiled_step(config, batch, shape, jax.devices("cpu")[:1])
   return cost_flops(step_fn.lower(state, data, key).compile()) * full / batch
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def print_table(out: dict[str, Any], peak: float) -> None:

@@ -4,7 +4,9 @@ overrides).
 
 Overrides are {"dotted.config.key": value} (applied by `lungct.config_check.apply_overrides`); a whole group
 can be replaced, e.g. {"model": models.model_config("resnet3d", ...)}. ``init_from="@<name>"`` names a prerequisite run of the ablation
-(``requires``), which the runner trains once (seed 0) and replaces by that run's workdir.
+(``requires``), which the runner trains once (seed 0, only when a variant it runs names it) and replaces by that
+run's workdir. A prerequisite is overrides of the ablation's base config, or (base, overrides) on a base config of
+its own (another task's, e.g. the nodule attributes); ``common`` applies only to the first kind.
 Every variant keeps the data and its split fixed (data.split_seed); seeds change init, data order,
 dropout and augmentation (config.seed).
 """
@@ -14,7 +16,7 @@ from typing import Any, Callable, NamedTuple
 
 import ml_collections
 
-from configs import default, nodule
+from configs import default, nodule, nodule_attributes
 from lungct import models
 
 Overrides = dict[str, Any]
@@ -46,7 +48,8 @@ class Ablation(NamedTuple):
   description: str
   variants: list[tuple[str, Overrides]]
   common: Overrides = {}                # applied to every variant (and prerequisite) after the base config
-  requires: dict[str, Overrides] = {}   # prerequisite runs (one seed), referenced as "@<name>"
+  # prerequisite runs (one seed), referenced as "@<name>": overrides, or (base config, overrides)
+  requires: dict[str, Overrides | tuple[Callable[[], ml_collections.ConfigDict], Overrides]] = {}
   base: Callable[[], ml_collections.ConfigDict] = base_config
 
   def config(self) -> ml_collections.ConfigDict:
@@ -57,6 +60,20 @@ class Ablation(NamedTuple):
 # Pretraining: the 5-way grade task on a separate, larger phantom set (phantom_seed=1: no test scan seen).
 PRETRAIN: Overrides = {"data.label": "grade", "data.num_classes": 5, "data.phantom_seed": 1,
                        "data.num_scans": 120, "data.split_fractions": (0.8, 0.1, 0.1), "train.num_epochs": 4}
+
+
+def nodule_attributes_config() -> ml_collections.ConfigDict:
+  """configs/nodule_attributes.py on the real LIDC crops (../shared/data/lidc_indeterminate, relative to the
+  working directory: the repository root): the eight radiologist ratings and the diameter, not the malignancy
+  rating, and none of the embedded synthetic crops the nodule ablation tests on; quiet, no bootstrap."""
+  c = nodule_attributes.get_config()
+  c.data.manual_dir = LIDC_DIR
+  c.train.progress_bar = False
+  c.eval.n_boot = 0
+  return c
+
+
+LIDC_DIR = "../shared/data/lidc_indeterminate"
 
 ABLATIONS: dict[str, Ablation] = {
     "augment": Ablation(
@@ -78,18 +95,23 @@ ABLATIONS: dict[str, Ablation] = {
         [("scratch", {}), ("finetuned", {"init_from": "@pretrain", "train.learning_rate": 1e-3})],
         common={"data.split_fractions": (0.2, 0.4, 0.4), "train.num_epochs": 8},
         requires={"pretrain": PRETRAIN}),
-    # The nodule recipe against one change at a time, every variant paired with "recipe" on the same 48 test
+    # The nodule recipe against one change at a time, every variant paired with "recipe" on the same 50 test
     # crops. resize keeps every crop too (its build: read 320, kept 320, skipped 0; none over max_stretch 16).
+    # from_attributes: the backbone of the attributes task trained on the 364 real LIDC crops (another data set:
+    # no malignancy label, no synthetic test crop seen), fine-tuned with the recipe unchanged (a fresh head).
     "nodule": Ablation(
         "configs/nodule.py (augmentation on, crop_or_pad at 1 mm, class weights (1, 1.5), ResNet-10 of width 8 "
         "with a stride-1 3^3 stem and no max-pool) against one change each: augmentation off; every crop "
         "stretched to 32^3 (data.fit=resize, the size cue lost); unweighted loss; the standard ResNet stem "
-        "(7^3, stride (1, 2, 2), max-pool); width 16",
+        "(7^3, stride (1, 2, 2), max-pool); width 16; initialised from the attributes task (LIDC's eight ratings and "
+        "diameter) trained on the 364 real LIDC crops",
         [("recipe", {}),
          ("no_augment", {"augment.enabled": False}),
          ("resize", {"data.fit": "resize"}),
          ("no_class_weights", {"train.class_weights": ()}),
          ("stem_7_pool", {"model.stem_kernel": 7, "model.stem_stride": (1, 2, 2), "model.stem_pool": True}),
-         ("width_16", {"model.width": 16})],
+         ("width_16", {"model.width": 16}),
+         ("from_attributes", {"init_from": "@attributes"})],
+        requires={"attributes": (nodule_attributes_config, {})},
         base=nodule_base_config),
 }

@@ -4,8 +4,9 @@ variant's paired test-AUC difference from the first variant, with its CI and p-v
     python -m experiments.run augment --seeds 3 --out experiments/results
     python -m experiments.run model --seeds 2 --set train.num_epochs=2 --variants cnn3d
 
-Writes <out>/<name>.md and <out>/<name>.csv; workdirs go to <out>/runs/<name>/<variant>/seed_<s> (a run
-whose workdir already holds metrics.json for the same config is not repeated).
+Writes <out>/<name>.md and <out>/<name>.csv; workdirs go to <out>/runs/<name>/<variant>/seed_<s>, prerequisites
+to <out>/runs/<name>/_<req> (a run whose workdir already holds metrics.json for the same config is not repeated).
+A run that stops on its input (e.g. a missing data folder) ends the command with one line naming its workdir.
 """
 from __future__ import annotations
 
@@ -27,17 +28,47 @@ COLUMNS = [("val_auc", "validation", "auc"), ("test_auc", "test", "auc"), ("test
            ("wall_time_s", None, "wall_time_s")]
 
 
-def _config(ablation: ablations.Ablation, overrides: dict, cli: dict, runs: dict[str, str]):
+def _config(ablation: ablations.Ablation, overrides: dict, cli: dict, runs: dict[str, str] | None):
+  """A variant's config: the ablation's base, `common`, the variant's overrides, the command line's; "@<name>"
+  replaced by that prerequisite's workdir (kept as is when ``runs`` is None)."""
   c = config_check.apply_overrides(ablation.config(), {**ablation.common, **overrides, **cli})
-  if c.init_from.startswith("@"):  # a prerequisite run's workdir
+  if c.init_from.startswith("@") and runs is not None:  # a prerequisite run's workdir
     c.init_from = runs[c.init_from[1:]]
   return c
+
+
+def prerequisite_config(ablation: ablations.Ablation, req: str, cli: dict):
+  """Prerequisite ``req``'s config: overrides of the ablation's base (and `common`), or (base, overrides) on a
+  base config of its own; the command line's overrides on top either way."""
+  spec = ablation.requires[req]
+  if isinstance(spec, tuple):
+    base, overrides = spec
+    return config_check.apply_overrides(base(), {**overrides, **cli})
+  return _config(ablation, spec, cli, None)
+
+
+def needed_prerequisites(ablation: ablations.Ablation, variants: list[str] | None) -> list[str]:
+  """The prerequisites that the selected variants (all when None) name as init_from="@<name>", in order."""
+  named = {_config(ablation, o, {}, None).init_from[1:] for v, o in ablation.variants if not variants or v in variants}
+  return [req for req in ablation.requires if req in named]
+
+
+class RunError(Exception):
+  """A run of the ablation stopped on its input (names the workdir and the problem)."""
 
 
 def _train(config, workdir: str) -> dict:
   """The training run's summary (through the CLI's entry point, `lungct.main.run`), then --mode=eval on its
   best checkpoint (predictions_test.csv, for the paired comparisons); reuses <workdir>/metrics.json and the
   predictions if they were written by the same config."""
+  from lungct import main
+  try:
+    return _train_once(config, workdir)
+  except main.known_errors() as e:
+    raise RunError(f"{workdir}: {str(e).strip()}") from e
+
+
+def _train_once(config, workdir: str) -> dict:
   from lungct import main
   from lungct.data import lung_ct
   done, cfg_file = os.path.join(workdir, "metrics.json"), os.path.join(workdir, "run_config.json")
@@ -52,7 +83,7 @@ def _train(config, workdir: str) -> dict:
       f.write(config_json)
     if os.path.exists(os.path.join(workdir, PREDICTIONS)):
       os.remove(os.path.join(workdir, PREDICTIONS))  # another config's
-  if config.data.label == "binary" and not os.path.exists(os.path.join(workdir, PREDICTIONS)):
+  if config.task == "classify" and config.data.label == "binary" and not os.path.exists(os.path.join(workdir, PREDICTIONS)):
     main.run(config, workdir, "eval")  # thresholds on validation, predictions_test.csv
   return summary
 
@@ -66,9 +97,9 @@ def run(name: str, seeds: int, out: str, cli: dict, variants: list[str] | None =
   ablation = ablations.ABLATIONS[name]
   root = os.path.join(out, "runs", name)
   runs = {}
-  for req, overrides in ablation.requires.items():
+  for req in needed_prerequisites(ablation, variants):
     runs[req] = os.path.join(root, f"_{req}")
-    _train(_config(ablation, overrides, cli, runs), runs[req])
+    _train(prerequisite_config(ablation, req, cli), runs[req])
   rows, files = [], {}
   for variant, overrides in ablation.variants:
     if variants and variant not in variants:
@@ -169,7 +200,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   command = "python -m experiments.run " + " ".join(shlex.quote(a) for a in argv)
-  return run(args.name, args.seeds, args.out, _parse_set(args.set), args.variants, command)
+  try:
+    return run(args.name, args.seeds, args.out, _parse_set(args.set), args.variants, command)
+  except RunError as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -212,12 +212,19 @@ def _replicated_target(directory: str, step: int) -> Any:
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=repl), tree)
 
 
-def restore_variables(directory: str, step: int) -> tuple[Any, Any, dict]:
+def restore_variables(directory: str, step: int, check_meta: Callable[[dict], None] | None = None
+                      ) -> tuple[Any, Any, dict]:
   """(params, batch_stats, meta) of one checkpoint, whatever optimizer trained the model (its state is read
-  and dropped) and on however many devices and processes it was saved."""
+  and dropped) and on however many devices and processes it was saved. ``check_meta(meta)`` runs before the
+  arrays are read (e.g. to refuse a mode the checkpoint's task does not support); its exceptions propagate."""
   mngr = _open(directory)
   try:
     meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  except Exception as e:  # noqa: BLE001  (Orbax / TensorStore raise many types for bad files)
+    raise CheckpointError(f"{directory}/{step} is unreadable: {type(e).__name__}: {str(e)[:200]}") from None
+  if check_meta is not None:
+    check_meta(meta)
+  try:
     state = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_replicated_target(directory, step))))["state"]
   except Exception as e:  # noqa: BLE001  (Orbax / TensorStore raise many types for bad files)

@@ -164,19 +164,24 @@ def _index(config, split: str) -> list[dict]:
   return lung_ct.split_index(lung_ct.prepare(config.data), split)
 
 
-def cv_strata(config, rows: Sequence[dict]) -> tuple[np.ndarray, str]:
-  """(stratum of every study, what that is, in words) for the folds: the class the task learns (``grade`` with
-  data.label="grade", else ``label``). A study without one (a labels CSV with no label column or an empty cell,
-  as attributes allow: -1) is in a stratum of its own; when no study has one, the folds are grouped by patient
-  only, and said so."""
+def cv_strata(config, rows: Sequence[dict]) -> tuple[np.ndarray, str, str]:
+  """(stratum of every study, what the folds are stratified by: "label", "grade" or "none", that in a sentence).
+
+  Only a class is a stratum: ``grade`` with data.label="grade", else the binary ``label`` (both integers in the
+  split index; continuous targets such as the attributes' diameter_mm are not in it and never stratify). A study
+  without one (a labels CSV with no label column or an empty cell, as attributes allow: -1) is in a stratum of
+  its own; when no study has one, the folds are grouped by patient only, not stratified, and the sentence says so.
+  """
   key = "grade" if config.data.label == "grade" else "label"
   values = np.asarray([int(r[key]) for r in rows], dtype=np.int64)
   missing = int(np.sum(values < 0))
   if missing == len(values):
-    return np.zeros(len(values), dtype=np.int64), (f"nothing: no study has a {key} (grouped by patient only, the "
-                                                   f"folds' outcomes not balanced)")
+    return np.zeros(len(values), dtype=np.int64), "none", (
+        f"Folds grouped by patient only, not stratified: no study has a {key}, so the folds' outcomes are not "
+        f"balanced.")
   strata = np.unique(values, return_inverse=True)[1].astype(np.int64)
-  return strata, key + (f" ({missing} studies without one form a stratum of their own)" if missing else "")
+  note = f" ({missing} studies without one form a stratum of their own)" if missing else ""
+  return strata, key, f"Folds grouped by patient and stratified by {key}{note}."
 
 
 SELECTIONS = {
@@ -222,7 +227,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sources = runtime.data_sources(config)
   pool = Concat([sources["train"], sources["validation"]])
   rows = _index(config, "train") + _index(config, "validation")
-  labels, stratified_by = cv_strata(config, rows)
+  labels, stratified_by, stratification = cv_strata(config, rows)
   groups = [r["patient_id"] for r in rows]
   folds = stratified_group_kfold(labels, groups, k, seed=config.cv.seed)
   per_fold, oof = [], []
@@ -251,10 +256,10 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "per_fold": [f[k_] for f in per_fold]} for k_ in numeric}
   pooled = pool_out_of_fold(task, oof, config, workdir)
   how = SELECTIONS[selection].format(frac=fraction)
-  out = {"folds": k, "stratified_by": stratified_by, "selection": selection,
+  out = {"folds": k, "stratified_by": stratified_by, "stratification": stratification, "selection": selection,
          "inner_fraction": fraction if selection == "inner" else None,
          "selection_note": how, "per_fold": per_fold, "summary": table, "pooled": pooled}
-  md = [f"# {k}-fold cross-validation (grouped by patient)", "", f"Folds stratified by {stratified_by}.", "",
+  md = [f"# {k}-fold cross-validation (grouped by patient)", "", stratification, "",
         f"Selection: {how}.", ""]
   md += pooled_lines(pooled)
   md += ["", "Per fold, on each held-out fold (threshold 0.5 here; fold_<i>/eval_heldout.json has CIs at thresholds "

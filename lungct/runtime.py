@@ -298,19 +298,30 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any, like: Any) 
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = "",
-                          explicit: Sequence[str] = (), *, task_of: Callable[[Any], Any]) -> Predictor:
+                          explicit: Sequence[str] = (), *, task_of: Callable[[Any], Any],
+                          check: Callable[[ml_collections.ConfigDict], None] | None = None) -> Predictor:
   """The best (or ``checkpoint_path``) checkpoint's params and BatchNorm statistics, replicated on the mesh.
 
   No optimizer is built or restored. Model, data and task settings come from the checkpoint
   (`inference_config`), so eval/predict/report see data prepared as in training. ``task_of(config)`` (e.g.
   `lungct.tasks.get`) is the task of a config: its CONFIG_GROUP and EXECUTION_KEYS say what else to take from
-  the checkpoint, its ``num_outputs(config)`` sizes the model's head.
+  the checkpoint, its ``num_outputs(config)`` sizes the model's head. ``check(config)`` sees the resulting
+  config before any array is read or the model built (e.g. `lungct.tasks.check_mode`: a mode the checkpoint's
+  task does not support fails at once).
   """
   directory, step = checkpoint.find_checkpoint(checkpoint_path or workdir)
-  saved_params, saved_stats, meta = checkpoint.restore_variables(directory, step)
-  saved = meta.get("config", {})
-  task = task_of(saved if "task" in saved else config)
-  config = inference_config(config, saved, explicit, group=task.CONFIG_GROUP, execution_keys=task.EXECUTION_KEYS)
+  got = {}
+
+  def settings(meta: dict) -> None:  # the checkpoint's task and settings, from its JSON meta alone
+    saved = meta.get("config", {})
+    got["task"] = task_of(saved if "task" in saved else config)
+    got["config"] = inference_config(config, saved, explicit, group=got["task"].CONFIG_GROUP,
+                                     execution_keys=got["task"].EXECUTION_KEYS)
+    if check is not None:
+      check(got["config"])
+
+  saved_params, saved_stats, _ = checkpoint.restore_variables(directory, step, check_meta=settings)
+  task, config = got["task"], got["config"]
   fresh = init_variables(config, task.num_outputs(config))
   params = _same_tree(saved_params, fresh.params, f"{directory}/{step}", "params")
   stats = _same_tree(saved_stats, fresh.batch_stats, f"{directory}/{step}", "batch_stats")

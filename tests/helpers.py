@@ -27,3 +27,13 @@ def tiny_config(data_dir: str, base: ml_collections.ConfigDict | None = None, **
   if c.model.name == "cnn3d":
     small.update({"model.features": (4, 8, 8, 16), "model.dense": 16})
   return config_check.apply_overrides(c, {**small, **overrides})
+
+
+def tiny_trained(tmp_path_factory, steps: int, eval_every: int) -> tuple[ml_collections.ConfigDict, str]:
+  """(config, workdir) of `tiny_config` trained for `steps` steps, evaluated every `eval_every`, in fresh folders."""
+  from lungct import train
+  c = tiny_config(tmp_path_factory.mktemp("tfds"), **{"train.num_epochs": 0, "train.num_steps": steps,
+                                                      "train.eval_every_steps": eval_every})
+  workdir = str(tmp_path_factory.mktemp("run"))
+  train.train_and_evaluate(c, workdir)
+  return c, workdir

@@ -55,3 +55,34 @@ def test_every_variant_override_names_a_config_key():
         assert c.init_from[1:] in ablation.requires, (name, variant)
   with pytest.raises(config_check.ConfigError, match="model.nope"):
     config_check.apply_overrides(ablations.base_config(), {"model.nope": 1})
+
+
+def test_a_prerequisite_on_its_own_base_config():
+  """The nodule ablation's pretraining: the attributes task on the real LIDC crops (its own base config), which
+  never sees a malignancy label nor the embedded crops the variants are tested on; the backbone matches."""
+  nodule = ablations.ABLATIONS["nodule"]
+  assert run.needed_prerequisites(nodule, ["recipe", "width_16"]) == []  # no pretraining for these
+  assert run.needed_prerequisites(nodule, ["recipe", "from_attributes"]) == ["attributes"]
+  pre = run.prerequisite_config(nodule, "attributes", {"train.num_epochs": 2})
+  assert pre.task == "attributes" and pre.data.source == "folder" and pre.train.num_epochs == 2
+  assert pre.data.manual_dir == "../shared/data/lidc_indeterminate" and "malignancy" not in pre.data.targets
+  fine = run._config(nodule, dict(nodule.variants)["from_attributes"], {}, {"attributes": "/w/_attributes"})
+  assert fine.task == "classify" and fine.data.source == "nodules" and fine.init_from == "/w/_attributes"
+  assert fine.model.to_dict() == pre.model.to_dict()  # every backbone array loads; only the head is fresh
+  assert fine.to_dict() == {**nodule.config().to_dict(), "init_from": "/w/_attributes"}  # one change
+  # Overrides of the ablation's base: `common` and then the prerequisite's own overrides.
+  pretraining = ablations.ABLATIONS["pretraining"]
+  grade = run.prerequisite_config(pretraining, "pretrain", {})
+  assert grade.task == "classify" and grade.data.label == "grade" and grade.train.num_epochs == 4
+  assert grade.data.split_fractions == (0.8, 0.1, 0.1) and grade.data.num_scans == 120
+
+
+def test_a_missing_data_folder_stops_with_one_line(tmp_path):
+  argv = ["nodule", "--seeds", "1", "--variants", "from_attributes", "--out", str(tmp_path / "results"),
+          "--set", f"data.manual_dir={tmp_path / 'absent'}", "--set", f"data.data_dir={tmp_path / 'tfds'}"]
+  with pytest.raises(SystemExit) as e:
+    run.main(argv)
+  message = str(e.value.code)
+  assert message.startswith("error: ") and "\n" not in message, message
+  assert f"runs/nodule/_attributes: data dir '{tmp_path / 'absent'}' (data.manual_dir) does not exist" in message
+  assert not (tmp_path / "results" / "nodule.md").exists()

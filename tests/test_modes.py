@@ -9,16 +9,12 @@ import pytest
 from lungct import config_check, evaluate, predict, report, runtime, tasks, train
 from lungct.tasks import classify
 from lungct.data import phantom
-from tests.helpers import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config, tiny_trained
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("tfds")
-  workdir = str(tmp_path_factory.mktemp("run"))
-  c = tiny_config(data_dir, **{"train.num_epochs": 0, "train.num_steps": 8, "train.eval_every_steps": 4})
-  train.train_and_evaluate(c, workdir)
-  return c, workdir
+  return tiny_trained(tmp_path_factory, steps=8, eval_every=4)
 
 
 def test_eval_writes_metrics_with_cis_and_predictions(trained):
@@ -163,18 +159,26 @@ def test_cross_validation_writes_summary(trained, tmp_path):
 # ----------------------------------------------------------------------------- every mode x every task
 
 MATRIX_MODES = ("eval", "predict", "report", "cv")
+# Each task on its reference config, and the config variants that change which modes a task supports
+# (`unsupported_modes`): a K-class classifier has no predict or report.
+MATRIX_CASES = {**{name: (name, {}) for name in tasks.TASKS}, "classify_grade": ("classify", {"data.label": "grade"})}
 
 
-@pytest.fixture(scope="module", params=sorted(tasks.TASKS))
-def task_run(request, tmp_path_factory):
-  """Each task of tasks.TASKS trained for 4 steps on its reference config's :tiny variant."""
-  task = tasks.TASKS[request.param]
-  c = config_check.load_config_file(f"{ROOT}/{task.CONFIG}:tiny")
-  config_check.apply_overrides(c, {
-      "data.data_dir": str(tmp_path_factory.mktemp("tfds")), "loader.num_threads": 1, "train.batch_size": 4,
+def _matrix_config(name: str, data_dir: str, extra: dict):
+  c = config_check.load_config_file(f"{ROOT}/{tasks.TASKS[name].CONFIG}:tiny")
+  return config_check.apply_overrides(c, {
+      "data.data_dir": data_dir, "loader.num_threads": 1, "train.batch_size": 4,
       "train.num_epochs": 0, "train.num_steps": 4, "train.eval_every_steps": 2, "train.log_every_steps": 2,
-      "train.progress_bar": False, "train.precise_bn_batches": 0, "eval.n_boot": 20})
-  workdir = str(tmp_path_factory.mktemp(f"run_{task.NAME}"))
+      "train.progress_bar": False, "train.precise_bn_batches": 0, "eval.n_boot": 20, **extra})
+
+
+@pytest.fixture(scope="module", params=sorted(MATRIX_CASES))
+def task_run(request, tmp_path_factory):
+  """Each case of MATRIX_CASES trained for 4 steps on its task's reference config's :tiny variant."""
+  name, extra = MATRIX_CASES[request.param]
+  task = tasks.TASKS[name]
+  c = _matrix_config(name, str(tmp_path_factory.mktemp("tfds")), extra)
+  workdir = str(tmp_path_factory.mktemp(f"run_{request.param}"))
   summary = train.train_and_evaluate(c, workdir)
   assert summary["task"] == task.NAME and summary["steps"] == 4
   return task, c, workdir
@@ -196,17 +200,36 @@ def _scans(tmp_path) -> tuple[str, list[str]]:
   return str(tmp_path / "scans"), paths
 
 
-def test_every_mode_of_every_task(task_run, tmp_path):
+def _no_work(*args, **kwargs):
+  raise AssertionError("an unsupported mode did work (read a checkpoint's arrays or built the model)")
+
+
+def test_every_mode_of_every_task(task_run, tmp_path, monkeypatch):
   """Each supported (mode, task) pair writes its files from the checkpoint; each other pair fails at start with
-  one line and does no work."""
+  one line naming the task and the mode, and does no work: neither when the config given says so, nor when only
+  the checkpoint's settings do (a reference config pointed at the run), before its arrays are read."""
   import nibabel as nib
-  from lungct import main
+  from lungct import checkpoint, main
   task, c, workdir = task_run
+  supported = tasks.supported_modes(c)
+  assert supported == (("train", "eval", "cv") if c.data.label == "grade" else task.MODES)
   for mode in MATRIX_MODES:
-    if mode not in task.MODES:
-      with pytest.raises(tasks.TaskError, match=f"--mode={mode} is not supported by config.task='{task.NAME}'"):
-        main.run(c, str(tmp_path / mode), mode)
-      assert not os.path.exists(tmp_path / mode)
+    if mode not in supported:
+      message = f"--mode={mode} is not supported by config.task='{task.NAME}'"
+      plain = _matrix_config(task.NAME, str(tmp_path / "tfds"), {})   # the reference config: supports every mode
+      assert mode in tasks.supported_modes(plain)
+      before = sorted(os.listdir(workdir))
+      with monkeypatch.context() as m:
+        m.setattr(runtime, "init_variables", _no_work)
+        m.setattr(checkpoint, "_replicated_target", _no_work)
+        for config, where in ((c, str(tmp_path / mode)), (plain, workdir)):
+          with pytest.raises(tasks.TaskError) as e:
+            main.run(config, where, mode)
+          assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+          if c.data.label == "grade":
+            assert "with config.data.label='grade' (a 5-class classifier" in str(e.value)
+            assert str(e.value).endswith("(it supports: train, eval, cv)")
+      assert not os.path.exists(tmp_path / mode) and sorted(os.listdir(workdir)) == before
       continue
     c2 = c.copy_and_resolve_references()
     if mode == "eval":
@@ -249,8 +272,11 @@ def test_every_mode_of_every_task(task_run, tmp_path):
       c2.cv.folds, c2.train.num_steps, c2.train.eval_every_steps = 2, 1, 1
       out = main.run(c2, str(tmp_path / "cv"), "cv")
       assert len(out["per_fold"]) == 2 and task.BEST_METRIC in out["summary"]
+      assert out["stratified_by"] == ("grade" if c.data.label == "grade" else "label")
+      if c.data.label == "grade":   # K classes: the per-fold table; no pooled estimate (`pool_out_of_fold`)
+        assert out["pooled"] == {} and len(out["summary"][task.BEST_METRIC]["per_fold"]) == 2
+        continue
       assert out["pooled"]["n"] == sum(f["n_heldout"] for f in out["per_fold"])  # every held-out study, once
-      assert out["stratified_by"] == "label"
       if task.NAME == "attributes":
         m = out["pooled"]["diameter_mm/mae"]
         assert m["value"] > 0 and m["lo"] <= m["value"] <= m["hi"]

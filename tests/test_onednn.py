@@ -53,6 +53,7 @@ def test_hand_computed_value():
     ((8, 9, 10), 3, (2, 2, 2), "VALID", 2, 3),                   # strided VALID drops trailing voxels
     ((9, 9, 9), 7, (1, 2, 2), [(3, 3)] * 3, 1, 8),               # a ResNet stem
     ((4, 4, 4), 1, (2, 2, 2), "VALID", 16, 32),                  # a ResNet projection shortcut
+    ((9, 8, 10), 1, (3, 3, 3), "VALID", 2, 3),                   # unreached trailing voxels: 2, 1, 0
     ((2, 3, 3), 3, (1, 1, 1), "SAME", 256, 256),
 ])
 def test_outputs_and_gradients_match_xla(spatial, kernel, strides, padding, cin, cout):

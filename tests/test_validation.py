@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from lungct import evaluate, runtime, tasks, train
-from tests.helpers import tiny_config
+from tests.helpers import ROOT, tiny_config, tiny_trained
 
 
 class _Logged:
@@ -98,7 +98,8 @@ def test_cv_never_reads_the_held_out_fold_before_scoring_it(guarded, tmp_path):
     assert int(r["prediction"]) == int(float(r["probability"]) >= float(r["threshold"]))
   assert len({(r["fold"], r["threshold"]) for r in rows}) == 2  # one threshold per fold
   md = open(tmp_path / "cv" / "cv_summary.md").read()
-  assert "Folds stratified by label." in md and out["stratified_by"] == "label"
+  assert "Folds grouped by patient and stratified by label." in md and out["stratified_by"] == "label"
+  assert out["stratification"] == "Folds grouped by patient and stratified by label."
   assert "inner validation split" in md and "Pooled out-of-fold estimate over all" in md and "| roc_auc |" in md
   saved = json.load(open(tmp_path / "cv" / "cv_summary.json"))
   assert saved["selection"] == "inner" and saved["pooled"]["n"] == n_pool
@@ -131,33 +132,42 @@ def test_inner_split_is_by_patient_and_stratified():
 
 
 def test_cv_strata_say_what_the_folds_are_stratified_on():
-  """A labels CSV without a label column (attributes: label -1 for every study) is grouped by patient only, and
-  cv says so; a study without a label among labelled ones is a stratum of its own."""
-  c = tiny_config("/nonexistent")
-  rows = lambda labels: [{"label": y, "grade": -1, "patient_id": f"p{i}"} for i, y in enumerate(labels)]  # noqa
-  strata, what = evaluate.cv_strata(c, rows([1, 0, 1, 0]))
-  assert strata.tolist() == [1, 0, 1, 0] and what == "label"
-  strata, what = evaluate.cv_strata(c, rows([-1] * 6))
-  assert strata.tolist() == [0] * 6 and what.startswith("nothing: no study has a label")
+  """The attributes task (targets such as diameter_mm and 1-5 ratings; the LIDC labels CSV has no label column:
+  label and grade -1 for every study) is grouped by patient only, not stratified, and cv says so in a sentence;
+  its continuous target never stratifies. A class label, where studies have one, does; a study without one among
+  labelled ones is a stratum of its own; a grade classifier stratifies by grade."""
+  from lungct import config_check
+  c = config_check.load_config_file(f"{ROOT}/configs/nodule_attributes.py:tiny")
+  rows = lambda labels, grades=None: [  # noqa: E731  (as the split index has them, plus a continuous value)
+      {"label": y, "grade": -1 if grades is None else grades[i], "patient_id": f"p{i}", "diameter_mm": 3.0 + 1.7 * i}
+      for i, y in enumerate(labels)]
+  strata, by, sentence = evaluate.cv_strata(c, rows([-1] * 6))
+  assert strata.tolist() == [0] * 6 and by == "none"
+  assert sentence == ("Folds grouped by patient only, not stratified: no study has a label, so the folds' outcomes "
+                      "are not balanced.")
   folds = evaluate.stratified_group_kfold(strata, [f"p{i}" for i in range(6)], 3)
   assert sorted(np.concatenate(folds).tolist()) == list(range(6)) and [len(f) for f in folds] == [2, 2, 2]
-  strata, what = evaluate.cv_strata(c, rows([1, -1, 0, 1, 0, -1]))
-  assert strata.tolist() == [2, 0, 1, 2, 1, 0] and what == "label (2 studies without one form a stratum of their own)"
+  strata, by, sentence = evaluate.cv_strata(c, rows([1, 0, 1, 0]))
+  assert strata.tolist() == [1, 0, 1, 0] and by == "label"
+  assert sentence == "Folds grouped by patient and stratified by label."
+  strata, by, sentence = evaluate.cv_strata(c, rows([1, -1, 0, 1, 0, -1]))
+  assert strata.tolist() == [2, 0, 1, 2, 1, 0] and by == "label"
+  assert sentence == ("Folds grouped by patient and stratified by label (2 studies without one form a stratum of "
+                      "their own).")
   folds = evaluate.stratified_group_kfold(strata, [f"p{i}" for i in range(6)], 2)
   assert [sorted(strata[f].tolist()) for f in folds] == [[0, 1, 2]] * 2   # every stratum split evenly
   with pytest.raises(ValueError, match="labels must be >= 0"):
     evaluate.stratified_group_kfold([-1] * 6, [f"p{i}" for i in range(6)], 3)
+  g = tiny_config("/nonexistent", **{"data.label": "grade"})
+  strata, by, _ = evaluate.cv_strata(g, rows([0, 0, 1, 1], grades=[0, 3, 4, 3]))
+  assert strata.tolist() == [0, 1, 2, 1] and by == "grade"
 
 
 # ----------------------------------------------------------------------------- external validation
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("tfds")
-  workdir = str(tmp_path_factory.mktemp("run"))
-  c = tiny_config(data_dir, **{"train.num_epochs": 0, "train.num_steps": 4, "train.eval_every_steps": 2})
-  train.train_and_evaluate(c, workdir)
-  return c, workdir
+  return tiny_trained(tmp_path_factory, steps=4, eval_every=2)
 
 
 def _external_folder(root, patients, bad=True):

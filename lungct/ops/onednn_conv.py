@@ -112,21 +112,24 @@ def _warn_unsupported(dtype, reason) -> None:
 # ----------------------------------------------------------------------------- shapes and padding
 
 def _conv_geometry(x_shape, kernel, strides, padding):
-  """Explicit (lo, hi) pads trimmed so that the output size is exact, and how many trailing input voxels per
-  spatial axis no output sees (they are sliced off first). None if a pad is negative (left to XLA)."""
+  """Explicit (lo, hi) pads, hi trimmed to what the last window reaches. None if a pad is negative (left to XLA).
+
+  The trimmed hi may be negative (down to 1 - stride): trailing input voxels that no window reaches, e.g. the
+  last voxel of an even axis under a 1^3 stride-2 convolution. oneDNN's own rule admits that (output size
+  (n - k + lo + hi) // s + 1 with hi + s > 0, src/common/convolution.cpp), so the input is passed whole and
+  its backward-data writes zeros there, instead of a sliced copy of the input (which XLA fused with, and so
+  recomputed, the producer's BatchNorm, residual add and ReLU)."""
   spatial = x_shape[1:4]
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(spatial, kernel, strides, padding)
-  pads, drop = [], []
+  pads = []
   for n, k, s, (lo, hi) in zip(spatial, kernel, strides, padding):
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi < 0 or n + lo + hi < k:
       return None
     out = (n + lo + hi - k) // s + 1
-    need = (out - 1) * s + k - n - lo   # high pad the last window actually reaches
-    drop.append(max(0, -need))
-    pads.append((lo, max(0, need)))
-  return tuple(pads), tuple(drop)
+    pads.append((lo, (out - 1) * s + k - n - lo))   # the high pad the last window actually reaches
+  return tuple(pads)
 
 
 def _out_shape(x_shape, w_shape, strides, pads):
@@ -194,16 +197,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
   if load() is None:
     _warn_fallback()
     return fallback()
-  pads, drop = geometry
-  x_shape = (lhs.shape[0], *[n - d for n, d in zip(lhs.shape[1:4], drop)], lhs.shape[4])
-  reason = supported(tuple(int(n) for n in x_shape), tuple(int(n) for n in rhs.shape), strides, pads, dtype)
+  pads = geometry
+  reason = supported(tuple(int(n) for n in lhs.shape), tuple(int(n) for n in rhs.shape), strides, pads, dtype)
   if reason is not None:
     _warn_unsupported(dtype, reason)
     return fallback()
-  x, w = lhs.astype(dtype), rhs.astype(dtype)
-  if any(drop):
-    x = x[:, :x.shape[1] - drop[0], :x.shape[2] - drop[1], :x.shape[3] - drop[2]]
-  return _conv(x, w, strides, pads)
+  return _conv(lhs.astype(dtype), rhs.astype(dtype), strides, pads)
 
 
 def impl_info(kind: str, x_shape, w_shape, strides, padding, dtype=jnp.float32) -> str:
@@ -211,7 +210,7 @@ def impl_info(kind: str, x_shape, w_shape, strides, padding, dtype=jnp.float32) 
   lib = load()
   if lib is None:
     return "unavailable"
-  pads, _ = _conv_geometry(tuple(x_shape), tuple(w_shape[:3]), tuple(strides), padding)
+  pads = _conv_geometry(tuple(x_shape), tuple(w_shape[:3]), tuple(strides), padding)
   out = _out_shape(x_shape, w_shape, strides, pads)
   arr = _arr
   buf = ctypes.create_string_buffer(512)

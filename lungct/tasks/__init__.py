@@ -5,7 +5,9 @@ tasks offering --mode=predict also satisfy `Predicts`, tasks offering --mode=rep
 task declares is read from here by the rest of the code: the task names (`config.task`'s choices), its config
 group and execution keys (`config_check`, inference), its best and headline metrics (`train`).
 
-Optional: ``pool_out_of_fold(oof, config, workdir) -> dict`` pools --mode=cv's held-out cases (one `evaluate`
+Optional: ``unsupported_modes(config) -> {mode: why}``: modes of MODES that this config of the task cannot run
+(classification: predict and report of a multi-class classifier), each with the config value that rules it out;
+`check_mode` refuses them at start. ``pool_out_of_fold(oof, config, workdir) -> dict`` pools --mode=cv's held-out cases (one `evaluate`
 result per fold) into one estimate when `lungct.evaluate.pool_out_of_fold` cannot from their shape (attributes).
 
 Adding a task is one new module here, one entry in TASKS, and a config that sets `config.task`.
@@ -93,12 +95,21 @@ def get(config) -> types.ModuleType:
   return TASKS[name]
 
 
-def check_mode(config, mode: str) -> types.ModuleType:
-  """The task of ``config`` if it supports ``mode``; else TaskError naming both (before any work)."""
+def supported_modes(config) -> tuple[str, ...]:
+  """The --mode values ``config``'s task supports for this config: its MODES less its `unsupported_modes`."""
   task = get(config)
-  if mode not in task.MODES:
-    raise TaskError(f"--mode={mode} is not supported by config.task={task.NAME!r} "
-                    f"(it supports: {', '.join(task.MODES)})")
+  ruled_out = task.unsupported_modes(config) if hasattr(task, "unsupported_modes") else {}
+  return tuple(m for m in task.MODES if m not in ruled_out)
+
+
+def check_mode(config, mode: str) -> types.ModuleType:
+  """The task of ``config`` if it supports ``mode`` for this config; else TaskError naming both, and the config
+  value that rules the mode out where the task gives one (before any work)."""
+  task = get(config)
+  why = task.unsupported_modes(config).get(mode, "") if hasattr(task, "unsupported_modes") else ""
+  if mode not in task.MODES or why:
+    raise TaskError(f"--mode={mode} is not supported by config.task={task.NAME!r}" + (f" with {why}" if why else "")
+                    + f" (it supports: {', '.join(supported_modes(config))})")
   return task
 
 
@@ -109,10 +120,12 @@ def num_outputs(config) -> int:
 
 def restore(config, workdir: str, checkpoint_path: str, explicit, mode: str):
   """(predictor, task) for an inference mode: the checkpoint restored with the settings it was trained with
-  (its task's config group included), the task checked to support ``mode``."""
+  (its task's config group included), the task checked to support ``mode`` from the checkpoint's settings
+  before its arrays are read."""
   from lungct import runtime
-  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit, task_of=get)
-  return predictor, check_mode(predictor.config, mode)
+  predictor = runtime.restore_for_inference(config, workdir, checkpoint_path, explicit, task_of=get,
+                                            check=lambda c: check_mode(c, mode))
+  return predictor, get(predictor.config)
 
 
 def contract_errors(module) -> list[str]:

@@ -52,6 +52,16 @@ def num_outputs(config) -> int:
   return 1 if config.data.label == "binary" else int(config.data.num_classes)
 
 
+def unsupported_modes(config) -> dict[str, str]:
+  """predict and report cover binary classifiers (one probability, a threshold, sensitivity / specificity); a
+  K-class one (data.label="grade") has train, eval (its K-class metrics) and cv."""
+  if config.data.label == "binary":
+    return {}
+  why = (f"config.data.label={config.data.label!r} (a {int(config.data.num_classes)}-class classifier; "
+         f"predict and report cover binary ones)")
+  return {"predict": why, "report": why}
+
+
 def label_key(config) -> str:
   return "label" if config.data.label == "binary" else "grade"
 
@@ -384,13 +394,6 @@ def _summary_line(split, result) -> str:
 
 # ----------------------------------------------------------------------------- --mode=predict
 
-def _need_binary(config, mode: str) -> None:
-  if config.data.label != "binary":
-    from lungct import config_check
-    raise config_check.ConfigError(f"config.data.label={config.data.label!r}: --mode={mode} covers binary "
-                                   f"classifiers (config.data.label='binary')")
-
-
 def choose_threshold(config, workdir: str, predictor: runtime.Predictor
                      ) -> tuple[float, str, dict]:
   """(threshold, why, recalibration) for ``predictor``'s checkpoint.
@@ -428,7 +431,6 @@ def scan_predictor(predictor: runtime.Predictor, workdir: str, out_dir: str):
   """Per scan: P(positive) (recalibrated as --mode=eval chose), the decision at the chosen threshold, and a
   Grad-CAM overlay PNG in ``out_dir``."""
   config = predictor.config
-  _need_binary(config, "predict")
   v = predictor.variables
   apply = make_apply(v.graphdef, predictor.mesh, config)
   threshold, why, rec = choose_threshold(config, workdir, predictor)
@@ -466,7 +468,6 @@ def report_sections(predictor: runtime.Predictor, sources: dict, workdir: str, o
   decision-curve and Grad-CAM figures) of ``split`` (test, or "external": `lungct.evaluate`'s external set);
   --mode=eval is run first when its result is missing or from another checkpoint or calibration."""
   config = predictor.config
-  _need_binary(config, "report")
   ev = _null_to_nan(runtime.current_evaluation(predictor, sources, workdir, split, run_eval, load=load_eval))
   v = predictor.variables
   test_pred = predict_split(make_apply(v.graphdef, predictor.mesh, config), v, predictor.mesh, sources[split],
