@@ -95,10 +95,15 @@ def get(config) -> types.ModuleType:
   return TASKS[name]
 
 
+def _ruled_out(task, config) -> dict[str, str]:
+  """{mode: why} of the modes of task.MODES that this config of the task cannot run (its `unsupported_modes`)."""
+  return task.unsupported_modes(config) if hasattr(task, "unsupported_modes") else {}
+
+
 def supported_modes(config) -> tuple[str, ...]:
   """The --mode values ``config``'s task supports for this config: its MODES less its `unsupported_modes`."""
   task = get(config)
-  ruled_out = task.unsupported_modes(config) if hasattr(task, "unsupported_modes") else {}
+  ruled_out = _ruled_out(task, config)
   return tuple(m for m in task.MODES if m not in ruled_out)
 
 
@@ -106,7 +111,7 @@ def check_mode(config, mode: str) -> types.ModuleType:
   """The task of ``config`` if it supports ``mode`` for this config; else TaskError naming both, and the config
   value that rules the mode out where the task gives one (before any work)."""
   task = get(config)
-  why = task.unsupported_modes(config).get(mode, "") if hasattr(task, "unsupported_modes") else ""
+  why = _ruled_out(task, config).get(mode, "")
   if mode not in task.MODES or why:
     raise TaskError(f"--mode={mode} is not supported by config.task={task.NAME!r}" + (f" with {why}" if why else "")
                     + f" (it supports: {', '.join(supported_modes(config))})")
