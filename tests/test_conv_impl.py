@@ -150,6 +150,47 @@ def test_cnn3d_block_pools_before_the_relu_with_equal_values_and_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_resnet3d_stem_pool_equals_nnx_max_pool(monkeypatch):
+  """ResNet3D pools its stem (3x3x3, stride 2, padding 1, after the stem's ReLU) with `common.max_pool`; with
+  `nnx.max_pool` there instead (the earlier code) the same parameters give the same logits, batch statistics and
+  parameter gradients in training mode (float32: distinct positive maxima, so only the ReLU's zeros tie, whose
+  gradient the ReLU discards). Odd sizes exercise the -inf padding at both ends of every axis."""
+  from lungct.models import resnet3d
+  model = ResNet3D(num_outputs=2, depth=10, width=4, stem_pool=True, rngs=nnx.Rngs(0))
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+  x = jax.random.normal(jax.random.PRNGKey(6), (2, 13, 14, 17, 1))
+  g = jax.random.normal(jax.random.PRNGKey(7), (2, 2))
+  calls = []
+
+  def loss(p):
+    m = nnx.merge(graphdef, p, stats)
+    logits = m(x, train=True)
+    return jnp.sum(logits * g), (logits, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)))
+
+  def run():
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  def counted(pool):
+    def f(*args, **kwargs):
+      calls.append(pool)
+      return pool(*args, **kwargs)
+    return f
+
+  monkeypatch.setattr(resnet3d.common, "max_pool", counted(common.max_pool))
+  (_, (logits, new_stats)), grads = run()
+  monkeypatch.setattr(resnet3d.common, "max_pool",
+                      counted(lambda a, w, strides, padding: nnx.max_pool(a, w, strides=strides, padding=padding)))
+  (_, (logits_ref, stats_ref)), grads_ref = run()
+  assert len(calls) == 2 and calls[0] is not calls[1]   # each path pooled the stem once
+  np.testing.assert_array_equal(logits, logits_ref)
+  for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(stats_ref)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    assert float(np.max(np.abs(b))) > 0
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))))
+
+
 @pytest.mark.parametrize("k,padding", [(2, "SAME"), (2, "VALID"), (3, "SAME"), ((2, 1, 2), "SAME")])
 def test_conv_transpose_as_matmul_matches_lax(k, padding):
   """The U-Net's up-convolution (kernel == stride) as one matmul: lax.conv_transpose's outputs and gradients."""

@@ -148,7 +148,10 @@ class ResNet3D(nnx.Module):
     x = sharding.constrain_spatial(x)  # depth split over the mesh's "space" axis, if it has one
     x = nnx.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
     if self.stem_pool:
-      x = nnx.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=[(1, 1)] * 3)
+      # Separable strided-slice maxima, not nnx.max_pool's reduce_window + select_and_scatter (1.25x faster
+      # ResNet-18 bfloat16 step, benchmarks/README.md round 4): the same values; after the ReLU above the same
+      # gradient (tests/test_conv_impl.py).
+      x = common.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=[(1, 1)] * 3)
     x = sharding.constrain_spatial(x)
     for block in self.blocks:
       x = sharding.constrain_spatial(common.apply_block(block, x, train=train, remat=self.remat))
