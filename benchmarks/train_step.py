@@ -114,7 +114,9 @@ def cost_flops(compiled) -> float:
 
 class _reshape_pool:
   """Within the block: the tutorial CNN and ResNet pool with `common.max_pool` (reshape / strided slices +
-  max) instead of `nnx.max_pool` -- what the proposed cnn3d.py/resnet3d.py change does (benchmarks/README.md)."""
+  max) instead of `nnx.max_pool` -- what the cnn3d.py/resnet3d.py change did (benchmarks/README.md, rounds 2 and 4).
+  Both models now pool with `common.max_pool`, so on current code this is a no-op (kept so the recorded commands
+  still run)."""
 
   def __enter__(self):
     from flax import nnx
