@@ -325,13 +325,18 @@ def _bn_bwd(epsilon, dtype, res, cotangents):
   n = x.size // x.shape[-1]
   xf = x.astype(jnp.float32)
   g = g.astype(jnp.float32)
-  x_hat = (xf - mean) * inv
+  # Per-feature sums of g and g * x, then dx = a * g + b * x + c with per-feature a, b, c: each pass reads the
+  # activation and writes nothing of its size but dx. (Written with x_hat = (x - mean) * inv, XLA stored x_hat
+  # or x - mean, one more activation-sized write and read per BatchNorm.) d_scale = sum(g * x_hat) =
+  # inv * (sum(g * x) - mean * sum(g)).
   d_bias = jnp.sum(g, axes)
-  d_scale = jnp.sum(g * x_hat, axes)
-  sf = scale.astype(jnp.float32)
-  dx = (sf * inv) * (g - d_bias / n - x_hat * (d_scale / n))
-  # The batch statistics' own cotangents (zero when they only feed the running averages).
-  dx = dx + g_mean / n + g_var * (2.0 / n) * (xf - mean)
+  d_scale = (jnp.sum(g * xf, axes) - mean * d_bias) * inv
+  a = scale.astype(jnp.float32) * inv
+  # dx = a * (g - d_bias / n - x_hat * d_scale / n), plus the batch statistics' own cotangents (zero when they
+  # only feed the running averages): g_mean / n + g_var * 2 (x - mean) / n.
+  b = g_var * (2.0 / n) - a * inv * d_scale / n
+  c = g_mean / n - a * d_bias / n - b * mean
+  dx = a * g + b * xf + c
   return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
 
