@@ -49,7 +49,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import _common  # noqa: E402  (--json, peak, timing and CPU helpers)
-from lungct import host_memory  # noqa: E402
 import train_step as ts  # noqa: E402  (the FLOP count of a compiled step)
 
 BATCH = 16
@@ -262,12 +261,6 @@ def part_run(args, tmp: str) -> dict[str, Any]:
   flags = ["--config.data.source=folder", f"--config.data.manual_dir={DATA}", f"--config.data.labels_csv={labels}",
            f"--config.data.data_dir={data_dir}"]
   env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  # The MONAI script runs as a user runs it: glibc's defaults (this process may have re-executed itself with
-  # lungct's huge-page tunable, which its children would inherit; lungct's own runs set it themselves).
-  monai_env = {**env, "GLIBC_TUNABLES": ":".join(
-      t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != host_memory.TUNABLE)}
-  if args.monai_huge_pages:
-    monai_env = host_memory.environment(monai_env)
   from lungct.data import lung_ct
   data_cfg = run_data_config(labels, data_dir)
   t = time.perf_counter()
@@ -298,7 +291,7 @@ def part_run(args, tmp: str) -> dict[str, Any]:
         res = os.path.join(tmp, f"monai{r}.json")
         cmd = [sys.executable, os.path.join(HERE, "monai_nodule.py"), f"--csv={split_csv}", f"--root={DATA}",
                f"--epochs={args.epochs}", f"--workers={args.monai_workers}", f"--json={res}"]
-        wall = timed(cmd, os.path.join(tmp, f"monai{r}.log"), monai_env)
+        wall = timed(cmd, os.path.join(tmp, f"monai{r}.log"), env)
         with open(res) as f:
           m = json.load(f)
         runs.append({"side": "monai", "wall_s": wall, "validation_auc": m["validation_auc"],
@@ -375,15 +368,11 @@ def main(argv=None) -> dict[str, Any]:
   p.add_argument("--compile-cache", action="store_true", help="also time a lungct rerun with JAX's persistent "
                  "compilation cache warm (JAX_COMPILATION_CACHE_DIR; the first lungct run fills it)")
   p.add_argument("--workdir", default="", help="keep the runs' files here (default: a temporary folder)")
-  p.add_argument("--monai-huge-pages", action="store_true", help="run the MONAI script with lungct's huge-page "
-                 "tunable too (lungct.host_memory; default: glibc's defaults, as a MONAI user runs it)")
   _common.add_json_arg(p)
   args = p.parse_args(argv)
-  host_memory.reexec_with_huge_pages()  # as python -m lungct.main does; part 1's sides all share this process
   args.lungct = args.lungct.split(",") if args.lungct else [""]
   out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": _common.cpu_name(),
-         "cpu_flags": _common.cpu_flags(), "load_average_before": os.getloadavg(), "args": vars(args),
-         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+         "cpu_flags": _common.cpu_flags(), "load_average_before": os.getloadavg(), "args": vars(args)}
   if args.part in ("step", "both"):
     out["step"] = part_step(args)
     print_step(out["step"])

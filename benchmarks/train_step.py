@@ -224,8 +224,6 @@ def main(argv=None) -> dict[str, Any]:
   add_json_arg(p)
   args = p.parse_args(argv)
 
-  from lungct import host_memory
-  host_memory.reexec_with_huge_pages()  # as python -m lungct.main does (every side of this process shares it)
   jax_free = args.side == "pytorch" and args.no_flops and args.no_peak
   if jax_free:
     backend = "cpu"
@@ -250,8 +248,7 @@ def main(argv=None) -> dict[str, Any]:
   peak_used = peak_used or 0.0
 
   out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-         "cpu": cpu_name(), "backend": backend, "args": vars(args), "peak_gflops": peak, "results": {},
-         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+         "cpu": cpu_name(), "backend": backend, "args": vars(args), "peak_gflops": peak, "results": {}}
   impls = (args.conv_impl or "").split(",") if args.conv_impl else [None]
   remat = args.remat_policy or args.remat
   for m in models:

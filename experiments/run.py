@@ -5,7 +5,8 @@ variant's paired test-AUC difference from the first variant, with its CI and p-v
     python -m experiments.run model --seeds 2 --set train.num_epochs=2 --variants cnn3d
 
 Writes <out>/<name>.md and <out>/<name>.csv; workdirs go to <out>/runs/<name>/<variant>/seed_<s>, prerequisites
-to <out>/runs/<name>/_<req> (a run whose workdir already holds metrics.json for the same config is not repeated).
+to <out>/runs/<name>/_<req> (a run whose workdir already holds metrics.json for the same config, and the same
+prerequisite run when it starts from one, is not repeated).
 A run that stops on its input (e.g. a missing data folder) ends the command with one line naming its workdir.
 """
 from __future__ import annotations
@@ -68,11 +69,26 @@ def _train(config, workdir: str) -> dict:
     raise RunError(f"{workdir}: {str(e).strip()}") from e
 
 
+RUN_CONFIG = "run_config.json"
+
+
+def reuse_key(config) -> str:
+  """What a finished run must have been trained from to be reused: its config and, when it starts from another
+  run of this runner (`init_from` = a workdir holding run_config.json), that run's own key too, so a
+  prerequisite retrained under the same path (its config changed) retrains every variant started from it."""
+  key = config.to_json_best_effort(sort_keys=True)
+  source = os.path.join(config.init_from, RUN_CONFIG) if config.init_from else ""
+  if source and os.path.exists(source):
+    with open(source) as f:
+      key += "\ninit_from " + f.read()
+  return key
+
+
 def _train_once(config, workdir: str) -> dict:
   from lungct import main
   from lungct.data import lung_ct
-  done, cfg_file = os.path.join(workdir, "metrics.json"), os.path.join(workdir, "run_config.json")
-  config_json = config.to_json_best_effort(sort_keys=True)
+  done, cfg_file = os.path.join(workdir, "metrics.json"), os.path.join(workdir, RUN_CONFIG)
+  config_json = reuse_key(config)
   if os.path.exists(done) and os.path.exists(cfg_file) and open(cfg_file).read() == config_json:
     summary = json.load(open(done))
   else:

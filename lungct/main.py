@@ -110,7 +110,5 @@ def run(config, workdir: str, mode: str = "train", *, split: str = "test", check
 
 
 if __name__ == "__main__":
-  from lungct import host_memory
-  host_memory.reexec_with_huge_pages()  # first: the step's large buffers on huge pages (lungct/host_memory.py)
   check_override_keys(sys.argv)
   app.run(main)

@@ -86,3 +86,29 @@ def test_a_missing_data_folder_stops_with_one_line(tmp_path):
   assert message.startswith("error: ") and "\n" not in message, message
   assert f"runs/nodule/_attributes: data dir '{tmp_path / 'absent'}' (data.manual_dir) does not exist" in message
   assert not (tmp_path / "results" / "nodule.md").exists()
+
+
+def test_a_retrained_prerequisite_retrains_the_variants_started_from_it(tmp_path, monkeypatch):
+  """A variant's finished run is reused only if it was trained from the same config and, with init_from, from
+  the same prerequisite run: changing the prerequisite's config (same workdir path) invalidates it."""
+  from lungct import main
+  from lungct.data import lung_ct
+  trained = []
+
+  def fake_run(config, workdir, mode, **_):
+    if mode == "train":
+      trained.append((workdir, config.train.num_epochs))
+      with open(f"{workdir}/metrics.json", "w") as f:
+        f.write('{"validation": {"auc": 0.5}, "test": {"auc": 0.5}}')
+    return {"validation": {"auc": 0.5}, "test": {"auc": 0.5}}
+  monkeypatch.setattr(main, "run", fake_run)
+  monkeypatch.setattr(lung_ct, "prepare", lambda data_cfg: None)
+  nodule = ablations.ABLATIONS["nodule"]
+  pre_dir, fine_dir = tmp_path / "_attributes", tmp_path / "from_attributes"
+  pre_dir.mkdir(), fine_dir.mkdir()
+  fine = run._config(nodule, dict(nodule.variants)["from_attributes"], {}, {"attributes": str(pre_dir)})
+  for epochs in (2, 2, 3):  # the prerequisite's config: the same twice, then changed
+    run._train(run.prerequisite_config(nodule, "attributes", {"train.num_epochs": epochs}), str(pre_dir))
+    run._train(fine, str(fine_dir))
+  assert trained == [(str(pre_dir), 2), (str(fine_dir), fine.train.num_epochs),  # first time: both train
+                     (str(pre_dir), 3), (str(fine_dir), fine.train.num_epochs)]  # the rerun reused both
