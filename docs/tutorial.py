@@ -55,7 +55,8 @@ os.chdir(REPO)
 sys.path.insert(0, REPO)
 
 QUICK = os.environ.get("LUNGCT_TUTORIAL_QUICK", "") not in ("", "0")
-ROOT = os.path.abspath(os.environ.get("LUNGCT_TUTORIAL_DIR", os.path.join("runs", "tutorial")))
+# Relative to the repository (the folder this notebook runs in), so what it prints reads the same on every machine.
+ROOT = os.environ.get("LUNGCT_TUTORIAL_DIR") or os.path.join("runs", "tutorial")
 DATA_DIR = os.path.join(ROOT, "data")        # TFDS datasets (built once, reused)
 RUNS = os.path.join(ROOT, "runs")            # workdirs of this notebook's training runs (started fresh)
 FIG_DIR = os.path.join(ROOT, "figures")
@@ -292,7 +293,7 @@ t = time.time()
 builder = lung_ct.prepare(config.data)
 print(f"prepare: {time.time() - t:.1f} s (0 when the dataset was already built)")
 build = lung_ct.read_build_report(builder)
-print("dataset:", builder.builder_config.name, "->", builder.data_dir)
+print("dataset:", builder.builder_config.name, "->", os.path.relpath(builder.data_dir))
 print("build report totals:", build["totals"])
 print("files:", sorted(os.listdir(builder.data_dir))[:6], "...")
 
