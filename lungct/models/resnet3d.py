@@ -148,9 +148,9 @@ class ResNet3D(nnx.Module):
     x = sharding.constrain_spatial(x)  # depth split over the mesh's "space" axis, if it has one
     x = nnx.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
     if self.stem_pool:
-      # Separable strided-slice maxima, not nnx.max_pool's reduce_window + select_and_scatter (1.25x faster
-      # ResNet-18 bfloat16 step, benchmarks/README.md round 4): the same values; after the ReLU above the same
-      # gradient (tests/test_conv_impl.py).
+      # Separable strided-slice maxima, not nnx.max_pool's reduce_window + select_and_scatter (the ResNet-18
+      # bfloat16 step 1.25x faster on a shared machine, benchmarks/README.md round 4; not re-measured idle against
+      # nnx.max_pool): the same values; after the ReLU above the same gradient (tests/test_conv_impl.py).
       x = common.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=[(1, 1)] * 3)
     x = sharding.constrain_spatial(x)
     for block in self.blocks:
