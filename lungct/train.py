@@ -86,8 +86,9 @@ def create_state(config: ml_collections.ConfigDict, total_steps: int
     if "frozen" not in jax.tree.leaves(labels):
       raise config_check.ConfigError(f"config.freeze={tuple(config.freeze)} matches no parameter path")
     tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+  # tx.init jitted: eagerly, each zeros_like of a distinct parameter shape is a compile of its own (~20 of them)
   return graphdef, {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-                    "opt_state": tx.init(params)}, tx
+                    "opt_state": jax.jit(tx.init)(params)}, tx
 
 
 # ----------------------------------------------------------------------------- steps (pure, jitted)
@@ -160,14 +161,13 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     if enabled:
-      from tensorboardX import SummaryWriter
       path = os.path.join(workdir, "metrics.jsonl")
       if resume_step is not None:
         note = truncate_history(path, resume_step)
         if note:
           print(note)
       self._json = open(path, "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, values: dict[str, float]) -> None:
     if not self.enabled:
@@ -217,6 +217,26 @@ def truncate_history(path: str, last_step: int) -> str:
   os.replace(tmp, path)
   return (f"{path}: dropped {later} records logged after step {last_step} (the step this run starts from; "
           f"they are logged again) and {broken} incomplete lines")
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX imports torch whenever it is installed, only so that it can accept torch tensors: 1.5 s and
+  ~175 MiB of resident memory in every run of a user who also has PyTorch. lungct logs Python floats, so torch is
+  hidden from that one import (`import torch` raises ImportError while ``sys.modules["torch"]`` is None, and
+  tensorboardX falls back to numpy); a torch the process imported already is left as it is.
+  """
+  import sys
+  hide = "torch" not in sys.modules and "tensorboardX" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter
 
 
 class _Preempted:
@@ -314,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
     if is_main:
       print(f"init_from {report['checkpoint']}: loaded {len(report['loaded'])} arrays, "
             f"kept fresh {len(report['skipped'])}: {sorted(report['skipped'])}")
-    state = jax.device_put({**state, "params": params, "batch_stats": stats, "opt_state": tx.init(params)},
+    state = jax.device_put({**state, "params": params, "batch_stats": stats, "opt_state": jax.jit(tx.init)(params)},
                            runtime.replicated(mesh))
 
   start_step = int(state["step"])
@@ -335,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
   key = jax.random.PRNGKey(config.seed)
   preempted = _Preempted()
   progress = _progress(total_steps, start_step, enabled=is_main and tc.progress_bar)
-  lr = learning_rate_schedule(tc, total_steps)
+  lr = jax.jit(learning_rate_schedule(tc, total_steps))  # logged; one compile instead of one per jnp op in it
   last_good_step = latest.latest_step()
   window: list[dict] = []
   stop_reason = "finished"
