@@ -272,6 +272,23 @@ def test_kernel_init_draws_the_full_shape_values_on_a_3d_view(init):
   assert common.kernel_init(init)(key, (8, 16), jnp.float32).shape == (8, 16)         # 2-D kernels as they are
 
 
+@pytest.mark.parametrize("model", [
+    {"name": "resnet3d", "depth": 10, "width": 8, "stem_kernel": 3, "stem_stride": (1, 1, 1), "stem_pool": False},
+    {"name": "cnn3d", "features": (16, 16, 32, 64), "dense": 128},
+    {"name": "unet3d", "features": (8, 16, 32)}])
+def test_init_variables_compiled_faster_gives_the_same_bits(model, monkeypatch):
+  """runtime.init_variables compiles at -O1 on the CPU (INIT_COMPILER_OPTIONS): the values are those of the
+  default -O2 compile, bit for bit."""
+  from lungct import runtime
+  cfg = ml_collections.ConfigDict({"seed": 1, "dtype": "float32", "model": ml_collections.ConfigDict(model)})
+  assert runtime.INIT_COMPILER_OPTIONS.get(jax.default_backend()), "the case is for the CPU's -O1 init"
+  fast = runtime.init_variables(cfg, 2)
+  monkeypatch.setattr(runtime, "INIT_COMPILER_OPTIONS", {})
+  default = runtime.init_variables(cfg, 2)
+  jax.tree.map(np.testing.assert_array_equal, fast.params, default.params)
+  jax.tree.map(np.testing.assert_array_equal, fast.batch_stats, default.batch_stats)
+
+
 def test_init_variables_is_seeded_and_equals_the_eager_model():
   """runtime.init_variables (one jitted init) equals building the model eagerly with the same seed (within a
   few float32 ulps: jitted, the initialiser's scale multiply may be fused differently)."""
