@@ -107,6 +107,26 @@ def test_max_pool_matches_flax(window, strides, padding):
   np.testing.assert_allclose(grad(ours), grad(ref), atol=1e-6)
 
 
+def test_separable_max_pool_in_bfloat16_is_the_float32_pool_rounded_once():
+  """In bfloat16 the separable pool (the ResNet stem's) runs in float32: its values are nnx.max_pool's, and its
+  gradient is the float32 pool's gradient rounded to bfloat16 once (tie shares of 1/2 and 1/3 are not rounded
+  at every stage). Inputs on a quarter grid, so windows hold tied maxima."""
+  from flax import nnx
+  x = (jnp.round(4 * jax.random.normal(jax.random.PRNGKey(0), (2, 9, 10, 11, 3))) / 4).astype(jnp.bfloat16)
+  g = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 6, 3)).astype(jnp.bfloat16)
+  pool = lambda a: common.max_pool(a, (3, 3, 3), (2, 2, 2), [(1, 1)] * 3)
+  y = pool(x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(
+      nnx.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=[(1, 1)] * 3), np.float32))
+  grad = lambda a, cot: jax.grad(lambda b: jnp.sum((pool(b) * cot).astype(jnp.float32)))(a)
+  want = grad(x.astype(jnp.float32), g.astype(jnp.float32)).astype(jnp.bfloat16)
+  got = grad(x, g)
+  assert got.dtype == jnp.bfloat16
+  assert float(jnp.mean((want != 0) & (jnp.abs(want) < jnp.abs(g).max() / 1.5))) > 0.01  # shared ties occur
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_tiled_max_pool_gradient_goes_to_the_first_maximum_like_select_and_scatter():
   """Without a ReLU and with many ties (values on a coarse grid), the 2x2x2 pool's gradient equals XLA's
   select_and_scatter exactly: each window's gradient reaches its first maximum in row-major order, from the int8

@@ -90,6 +90,12 @@ def max_pool(x: jax.Array, window: tuple[int, ...], strides: tuple[int, ...] | N
       shape += [n // k, k]
     y = _tiled_max(x.reshape(*shape, x.shape[-1]), window)
     return y
+  dtype = x.dtype
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    # bfloat16 / float16 pooled in float32: the same values (a max is exact, and so is casting it back), and
+    # XLA:CPU fuses the backward pass's compares, tie splits and pads without rounding every intermediate to
+    # 16 bits, which made ResNet-18's stem pool backward 3x slower than in float32 (benchmarks/README.md, round 7).
+    x = x.astype(jnp.float32)
   if any(p != (0, 0) for p in pads):
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)], constant_values=-jnp.inf)
   for axis in range(nd):
@@ -100,7 +106,7 @@ def max_pool(x: jax.Array, window: tuple[int, ...], strides: tuple[int, ...] | N
       part = jax.lax.slice_in_dim(x, offset, offset + s * (out - 1) + 1, s, axis=1 + axis)
       y = part if y is None else jnp.maximum(y, part)
     x = y
-  return x
+  return x.astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
