@@ -149,10 +149,12 @@ def test_tiled_max_pool_gradient_goes_to_the_first_maximum_like_select_and_scatt
 
 
 def test_cnn3d_block_pools_before_the_relu_with_equal_values_and_gradients():
-  """ConvBlock computes relu(pool(conv)) instead of the tutorial's pool(relu(conv)): the same numbers."""
+  """ConvBlock computes relu(pool(conv without bias) + bias) instead of the tutorial's pool(relu(conv + bias)): the
+  same numbers."""
   from flax import nnx
   from lungct.models import cnn3d
   block = cnn3d.ConvBlock(2, 4, padding="VALID", dtype=jnp.float32, rngs=nnx.Rngs(0))
+  block.conv.bias.value = jax.random.normal(jax.random.PRNGKey(6), (4,))   # it is added after the pool too
   graphdef, params, stats = nnx.split(block, nnx.Param, nnx.BatchStat)
   x = jax.random.normal(jax.random.PRNGKey(4), (2, 10, 9, 12, 2))
 

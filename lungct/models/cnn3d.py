@@ -29,7 +29,8 @@ def min_input_size(num_blocks: int, padding: str) -> int:
 
 
 class ConvBlock(nnx.Module):
-  """Conv3D(3x3x3) + relu -> MaxPool3D(2) -> BatchNorm: the tutorial's block (computed as conv, pool, relu)."""
+  """Conv3D(3x3x3) + relu -> MaxPool3D(2) -> BatchNorm: the tutorial's block (computed as conv, pool, bias,
+  relu: the same values)."""
 
   def __init__(self, in_features: int, out_features: int, *, padding: str,
                dtype: Any, rngs: nnx.Rngs, bn_momentum: float = 0.99):
@@ -46,7 +47,15 @@ class ConvBlock(nnx.Module):
     # voxels and keeps no relu output of the full-size convolution for the backward pass (the pool keeps only an
     # int8 index per output): with it, the step's temporary memory at batch 2 of 64x128x128 went from 1292 to
     # 1141 MiB (benchmarks/README.md, round 4).
-    x = common.max_pool(self.conv(x), (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+    # The bias is added after the pool, too: max(a + b) == max(a) + b exactly (rounding is monotonic), and its
+    # gradient is then a sum over 1/8 of the voxels. Added before, XLA:CPU kept the pool's full-size input gradient
+    # twice (once for the bias gradient) and, in bfloat16, reduced it by a slow reduce-window tree (545 + 143 ms
+    # of a 1.61 s step at batch 2 of 64x128x128; benchmarks/README.md, round 7).
+    conv = self.conv
+    x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], conv.bias[...]), dtype=conv.dtype)
+    x = conv.conv_general_dilated(x, kernel, (1, 1, 1), conv.padding, lhs_dilation=(1, 1, 1),
+                                  rhs_dilation=(1, 1, 1), dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    x = common.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID") + bias
     return self.bn(nnx.relu(x), use_running_average=not train)
 
 
