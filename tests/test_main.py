@@ -69,3 +69,17 @@ def test_exec_with_huge_pages_gives_mallocs_blocks_huge_pages():
   assert huge_mib >= 32, huge_mib  # most of the 64 MiB block in 2 MiB pages (the kernel may lack a few)
   tunables, huge_off = probe(LUNGCT_HUGE_PAGES="0")
   assert tunables == "" and huge_off < 8, huge_off  # the peer: in [madvise] mode nothing gets them unasked
+
+
+def test_compilation_cache_is_per_cpu_under_the_users_cache_folder():
+  avx2 = "flags\t\t: fpu sse4_1 avx avx2 fma\n"
+  avx512 = "flags\t\t: fpu sse4_1 avx avx2 fma avx512f\n"
+  here = main.compilation_cache_dir({"XDG_CACHE_HOME": "/x"}, avx2)
+  assert os.path.dirname(here) == "/x/lungct/jax"
+  assert main.compilation_cache_dir({"XDG_CACHE_HOME": "/x"}, avx512) != here  # another ISA, another folder
+  assert main.compilation_cache_dir({"XDG_CACHE_HOME": "/x"}, avx2) == here  # and the same one next time
+  home = main.compilation_cache_dir({}, avx2)
+  assert home.startswith(os.path.join(os.path.expanduser("~"), ".cache", "lungct", "jax"))
+  assert main.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/mine", "XDG_CACHE_HOME": "/x"}, avx2) == "/mine"
+  assert main.compilation_cache_dir({"LUNGCT_COMPILATION_CACHE": "0", "JAX_COMPILATION_CACHE_DIR": "/mine"},
+                                    avx2) is None
