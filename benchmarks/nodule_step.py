@@ -16,7 +16,9 @@ busy machine slows all alike; median step time):
             3^3 stride-1 stem, no max-pool), RandFlipd/RandRotate90d/RandZoomd/intensity per example, collated.
 FLOPs: XLA's cost analysis of the lungct step compiled with XLA's convolutions and augmentation off (the model
 and optimizer; XLA does not count custom calls such as oneDNN's), the same count for every side; the peak is
-the best float32 numpy matmul (4096^2) measured before and after in the same run; MFU = GFLOP/s / peak.
+the best float32 numpy matmul (4096^2) measured before and after in the same run; MFU = GFLOP/s / peak. The
+process first re-executes itself as `lungct.main` does (`exec_with_huge_pages`: glibc's malloc with transparent
+huge pages), so the lungct side runs as it does for users, and the PyTorch and MONAI sides get the same allocator.
 
 Part 2, a whole run on the real LIDC-IDRI crops (`../shared/data/lidc_indeterminate`, which carry no
 malignancy label: the label here is "diameter >= the median diameter", only to have something to learn and an
@@ -269,6 +271,9 @@ def part_run(args, tmp: str) -> dict[str, Any]:
   split_csv = os.path.join(tmp, "split.csv")
   out["split"] = write_split(labels, data_cfg, split_csv)
   runs = []
+  from lungct import main as lungct_main
+  # MONAI as its users run it: without the malloc tunable this process may have re-executed itself with.
+  monai_env = {k: v for k, v in env.items() if not (k == "GLIBC_TUNABLES" and v == lungct_main.HUGE_PAGES)}
   sides = ("lungct", "monai") + (("lungct",) if args.compile_cache else ())
   for r in range(args.repeats):
     # lungct.main keeps JAX's compilation cache (~/.cache/lungct/jax): each repeat starts from an empty one (a
@@ -292,7 +297,7 @@ def part_run(args, tmp: str) -> dict[str, Any]:
         res = os.path.join(tmp, f"monai{r}.json")
         cmd = [sys.executable, os.path.join(HERE, "monai_nodule.py"), f"--csv={split_csv}", f"--root={DATA}",
                f"--epochs={args.epochs}", f"--workers={args.monai_workers}", f"--json={res}"]
-        wall = timed(cmd, os.path.join(tmp, f"monai{r}.log"), env)
+        wall = timed(cmd, os.path.join(tmp, f"monai{r}.log"), monai_env)
         with open(res) as f:
           m = json.load(f)
         runs.append({"side": "monai", "wall_s": wall, "validation_auc": m["validation_auc"],
@@ -393,4 +398,6 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+  from lungct import main as lungct_main
+  lungct_main.exec_with_huge_pages()
   main()
