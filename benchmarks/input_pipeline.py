@@ -2,8 +2,9 @@
 
 Both read the same N phantom NIfTI scans:
   lungct    preprocessed once into TFDS ArrayRecord (`lung_ct.prepare`, source=folder), read by the
-            grain loader (`pipeline.make_dataset` + `iterate`), augmented on device by the jitted
-            `augment.augment_batch` (rotation, flip, intensity).
+            grain loader (`pipeline.make_dataset` + `iterate`) as the training loop reads it (the image as
+            stored, float16), cast to float32 and augmented on device by the jitted `augment.augment_batch`
+            (rotation, flip, intensity), as `train.train_step` does.
   tutorial  every volume, every epoch: nibabel load of the .nii.gz, HU window, scipy.ndimage.zoom
             to the model shape, scipy.ndimage.rotate by a random angle (as in the Keras example).
 The two are timed in alternation (one lungct batch, one tutorial volume, ...; the lungct loader synchronous so
@@ -47,14 +48,14 @@ def tutorial_volume(path: str, shape_dhw, rng: np.random.Generator) -> np.ndarra
 
 def time_lungct(builder, config, batch: int, num_batches: int) -> float:
   """Volumes/s of grain batches + on-device jitted augmentation (first batch = warm-up/compile)."""
-  import functools
   import jax
+  import jax.numpy as jnp
   from lungct.data import augment, pipeline
   source = builder.as_data_source("train")
   ds = pipeline.make_dataset(source, global_batch_size=batch, seed=0, shuffle=True, num_epochs=None,
-                             drop_remainder=True, process_index=0, process_count=1)
+                             drop_remainder=True, process_index=0, process_count=1, cast=False)
   it = pipeline.iterate(ds, loader=config.loader)
-  aug = jax.jit(functools.partial(augment.augment_batch, cfg=config.augment))
+  aug = jax.jit(lambda k, x: augment.augment_batch(k, x.astype(jnp.float32), config.augment))
   key = jax.random.PRNGKey(0)
   jax.block_until_ready(aug(key, next(it)["image"]))
   t = time.perf_counter()
@@ -69,14 +70,14 @@ def time_alternating(builder, config, batch: int, num_batches: int, paths, shape
   so that a shared machine's load slows both alike. The lungct loader reads synchronously here (grain
   num_threads=0, no prefetch): background reader threads would otherwise read ahead while the tutorial side is
   being timed, so each side's time is only its own work."""
-  import functools
   import jax
+  import jax.numpy as jnp
   from lungct.data import augment, pipeline
   source = builder.as_data_source("train")
   ds = pipeline.make_dataset(source, global_batch_size=batch, seed=0, shuffle=True, num_epochs=None,
-                             drop_remainder=True, process_index=0, process_count=1)
+                             drop_remainder=True, process_index=0, process_count=1, cast=False)
   it = pipeline.iterate(ds, num_threads=0, prefetch=0)
-  aug = jax.jit(functools.partial(augment.augment_batch, cfg=config.augment))
+  aug = jax.jit(lambda k, x: augment.augment_batch(k, x.astype(jnp.float32), config.augment))
   key = jax.random.PRNGKey(0)
   jax.block_until_ready(aug(key, next(it)["image"]))   # compile
   rng = np.random.default_rng(0)

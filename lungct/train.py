@@ -95,7 +95,11 @@ def create_state(config: ml_collections.ConfigDict, total_steps: int
 
 def train_step(graphdef, tx: optax.GradientTransformation, task, config: ml_collections.ConfigDict,
                state: State, batch: dict, key: jax.Array) -> tuple[State, dict]:
-  """One optimisation step on a global batch: (state, batch, key) -> (new state, scalar metrics)."""
+  """One optimisation step on a global batch: (state, batch, key) -> (new state, scalar metrics).
+
+  The loop's batches carry the image as stored (float16, `pipeline.collate(cast=False)`): it becomes float32
+  here, on the device (exact; half the bytes copied, no host-side cast)."""
+  batch = {**batch, "image": batch["image"].astype(jnp.float32)}
   aug_key, dropout_key = jax.random.split(jax.random.fold_in(key, state["step"]))
   batch = task.augment(aug_key, batch, config)
 
@@ -348,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, sources:
           f"{tuple(config.data.shape)}; {total_steps} steps of global batch {tc.batch_size} on "
           f"{jax.device_count()} device(s) (mesh {dict(mesh.shape)}).")
   ds = pipeline.make_dataset(train_src, global_batch_size=tc.batch_size, seed=config.seed, shuffle=True,
-                             num_epochs=None, drop_remainder=True,
+                             num_epochs=None, drop_remainder=True, cast=False,  # train_step casts the image
                              process_index=jax.process_index(), process_count=jax.process_count())
   batches: Iterator = pipeline.iterate(ds, start_step=start_step, num_threads=config.loader.num_threads,
                                        prefetch=config.loader.prefetch)

@@ -157,7 +157,24 @@ def test_decode_types_every_field_and_passes_others():
   assert d["orig_shape"].dtype == np.int32 and d["extra"] == "kept"
   b = pipeline.collate([ex, ex])
   assert b["label"].dtype == np.int32 and b["study_id"].tolist() == ["sé", "sé"]
-  assert b["voxel_spacing"].shape == (2, 3)
+  assert b["voxel_spacing"].shape == (2, 3) and b["image"].dtype == np.float32
+
+
+def test_collate_without_cast_keeps_the_stored_image_and_the_same_values():
+  rng = np.random.default_rng(3)  # CT-like: air (exact zeros), subnormal float16s, values up to 1
+  images = [np.where(rng.random((4, 5, 6, 1)) < 0.3, 0, rng.random((4, 5, 6, 1)) ** 8).astype(np.float16)
+            for _ in range(3)]
+  assert any((0 < np.abs(im)).any() and (np.abs(im) < np.finfo(np.float16).tiny).any() for im in images)
+  exs = [{"image": im, "mask": (im > 0.5).astype(np.uint8), "label": np.int64(i % 2), "study_id": b"s%d" % i}
+         for i, im in enumerate(images)]
+  cast, stored = pipeline.collate(exs), pipeline.collate(exs, cast=False)
+  assert stored["image"].dtype == np.float16 and cast["image"].dtype == np.float32
+  np.testing.assert_array_equal(stored["image"].astype(np.float32), cast["image"])  # what train_step does
+  np.testing.assert_array_equal(cast["image"], np.stack([pipeline.decode(e)["image"] for e in exs]))
+  assert stored["label"].tolist() == [0, 1, 0] and stored["study_id"].tolist() == ["s0", "s1", "s2"]
+  ds = pipeline.make_dataset(exs, global_batch_size=3, seed=0, num_epochs=1, process_index=0, process_count=1,
+                             cast=False)
+  assert ds[0]["image"].dtype == np.float16
 
 
 def test_iterate_reads_loader_config():

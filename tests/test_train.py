@@ -147,6 +147,27 @@ def test_precise_bn_running_stats_are_the_mean_of_batch_stats():
   assert not np.allclose(jax.tree.leaves(only_a)[0], init[0])
 
 
+def test_train_step_on_the_stored_float16_image_equals_the_step_on_its_float32_cast():
+  # The loop feeds the image as stored (float16) and train_step casts it on the device: the same step, to the bit,
+  # as on the host-cast float32 batch (augmentation on, so the cast comes before the on-device flips/rotations).
+  c = tiny_config("/nonexistent", **{"augment.enabled": True})
+  graphdef, state, tx = train.create_state(c, 4)
+  mesh = runtime.make_mesh(c, jax.devices()[:1])
+  step_fn, _ = train.compile_steps(graphdef, tx, tasks.get(c), c, mesh)
+  rng = np.random.default_rng(1)
+  stored = rng.random((4, *c.data.shape, 1)).astype(np.float16)
+  labels = np.array([0, 1, 1, 0], np.int32)
+  copy = lambda s: jax.tree.map(lambda x: np.array(x), s)  # noqa: E731
+  key = jax.random.PRNGKey(0)
+  from_f16, m16 = step_fn(copy(state), {"image": stored, "target": labels}, key)
+  from_f32, m32 = step_fn(copy(state), {"image": stored.astype(np.float32), "target": labels}, key)
+  for a, b in zip(jax.tree.leaves(from_f16), jax.tree.leaves(from_f32)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(m16["loss"]) == float(m32["loss"]) and float(m16["grad_norm"]) > 0
+  other, _ = step_fn(copy(state), {"image": (stored * 0.5).astype(np.float32), "target": labels}, key)
+  assert not np.array_equal(jax.tree.leaves(other["params"])[0], jax.tree.leaves(from_f32["params"])[0])
+
+
 def test_best_step_on_a_tie_is_the_first_and_is_what_the_final_evaluation_uses(data_dir, tmp_path):
   # A learning rate of ~0 keeps the predictions (and so the validation AUC) identical at every evaluation:
   # a tie. The first step must stay best in metrics.json and in the best/ checkpoint the final eval uses.
