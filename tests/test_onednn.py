@@ -271,6 +271,43 @@ def test_convolutions_and_sharded_resnet_step_on_each_isa(onednn_isa, expect):
     assert len(warnings) == 1 and "bfloat16" in warnings[0] and f"ISA {isa}" in warnings[0], out.stderr[-2000:]
 
 
+WEIGHTS_BY_FORWARD = textwrap.dedent('''
+import jax, jax.numpy as jnp, numpy as np
+from lungct.ops import onednn_conv
+dn = ("NDHWC", "DHWIO", "NDHWC")
+x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 8, 9, 4))
+w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4, 6)) / 10
+pads = onednn_conv._conv_geometry(x.shape, (3, 3, 3), (1, 1, 1), "SAME")
+gemm = "gemm" in onednn_conv.impl_info("bwd_weights", x.shape, w.shape, (1, 1, 1), pads)
+chosen = onednn_conv.forward_for_weights(x.shape, w.shape, (1, 1, 1), pads, jnp.float32)
+grad = lambda fn: jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(fn(x, w, (1, 1, 1), "SAME", dimension_numbers=dn)))))
+hlo = grad(onednn_conv.conv_general_dilated).lower(w).as_text()
+a, b = grad(onednn_conv.conv_general_dilated)(w), grad(jax.lax.conv_general_dilated)(w)
+print("RESULT", onednn_conv.isa(), gemm, chosen, "lungct_onednn_conv_bwd_weights" in hlo,
+      float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))))
+''')
+
+
+@needs_ext
+@pytest.mark.parametrize("onednn_isa", [None, "AVX2"], ids=["native", "avx2"])
+def test_weight_gradient_by_the_swapped_forward_where_onednn_would_use_gemm(onednn_isa):
+  """Below AVX-512 oneDNN runs 3D weight gradients as im2col + GEMM; a stride-1 float32 one is then computed as
+  the forward convolution with batch and channels swapped (`onednn_conv._weights_by_forward`): no weight-gradient
+  call in the program, and XLA's gradient to float32 rounding. Where oneDNN has its own kernel, it is kept."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("ONEDNN_MAX_CPU_ISA", None)
+  if onednn_isa:
+    env["ONEDNN_MAX_CPU_ISA"] = onednn_isa
+  out = subprocess.run([sys.executable, "-c", WEIGHTS_BY_FORWARD], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  isa, gemm, chosen, weights_call, err = out.stdout.split("RESULT")[-1].split()
+  assert chosen == gemm and weights_call == str(chosen == "False"), out.stdout
+  if onednn_isa == "AVX2":  # oneDNN 3.x has no AVX2 JIT kernel for 3D weight gradients (ONEDNN_VERBOSE: x64:gemm:jit)
+    assert isa.startswith("avx2") and chosen == "True", out.stdout
+  assert float(err) < 1e-5, err
+
+
 @needs_ext
 @pytest.mark.parametrize("remat", ["conv_outputs"])
 def test_remat_policies_keep_outputs_and_gradients(remat):

@@ -161,13 +161,44 @@ def _conv_fwd(x, w, strides, pads):
   return _conv(x, w, strides, pads), (x, w)
 
 
+def _weights_by_forward(kind, x, g, w_shape, out_dtype, strides, pads):
+  """A stride-1 weight gradient as oneDNN's forward convolution with batch and channels swapped (the signature
+  of `_ffi`, for `partition.call`): dw[z, y, x, c, o] = sum over b and the output positions of
+  x_padded[b, pos + (z, y, x), c] * g[b, pos, o], i.e. the padded input with its channels as the batch and its
+  batch as the channels, convolved (VALID) with g as a kernel whose input channels are the batch."""
+  del kind, strides
+  xs = jnp.pad(x, ((0, 0), *pads, (0, 0))).transpose(4, 1, 2, 3, 0)   # (C, D + pads, H + pads, W + pads, B)
+  kernel = g.transpose(1, 2, 3, 0, 4)                                  # (I, J, K, B, O) as DHWIO
+  out = _ffi("fwd", xs, kernel, (x.shape[4], *w_shape[:3], w_shape[4]), out_dtype, (1, 1, 1), ((0, 0),) * 3)
+  return out.transpose(1, 2, 3, 0, 4)                                  # (C, Z, Y, X, O) -> (Z, Y, X, C, O)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_for_weights(x_shape, w_shape, strides, pads, dtype) -> bool:
+  """Whether `_conv_bwd` computes this convolution's weight gradient with `_weights_by_forward`: a float32,
+  stride-1 convolution whose weight gradient oneDNN would run as im2col + GEMM (its `gemm` implementation: below
+  AVX-512 it has no JIT kernel for 3D weight gradients), when it has a direct kernel for the swapped forward.
+  On AVX2 that took an 8-channel 3x3x3 layer's weight gradient at 32^3 (batch 16) from 96 to 45 ms
+  (benchmarks/README.md, round 8); on AVX-512 oneDNN's own kernel (11 ms) is kept."""
+  if jnp.dtype(dtype) != jnp.float32 or any(int(s) != 1 for s in strides):
+    return False
+  if "gemm" not in impl_info("bwd_weights", x_shape, w_shape, strides, pads):
+    return False
+  spatial = [n + lo + hi for n, (lo, hi) in zip(x_shape[1:4], pads)]
+  out = _out_shape(x_shape, w_shape, strides, pads)
+  fwd = impl_info("fwd", (x_shape[4], *spatial, x_shape[0]), (*out[1:4], x_shape[0], w_shape[4]), (1, 1, 1),
+                  ((0, 0),) * 3)
+  return fwd not in ("error", "unavailable") and "gemm" not in fwd
+
+
 def _conv_bwd(strides, pads, res, g):
   x, w = res
   g = g.astype(x.dtype)
   dx = partition.call("bwd_data", _ffi, g, w, x.shape, x.dtype, strides, pads)
   # The weight gradient is accumulated and written in float32 whatever the activations' type: for bf16
   # activations oneDNN's AMX kernel with a float32 result ran 2x faster than with a bf16 one (and is exact).
-  dw = partition.call("bwd_weights", _ffi, x, g, w.shape, jnp.float32, strides, pads)
+  weights = _weights_by_forward if forward_for_weights(x.shape, w.shape, strides, pads, x.dtype) else _ffi
+  dw = partition.call("bwd_weights", weights, x, g, w.shape, jnp.float32, strides, pads)
   return dx, dw.astype(w.dtype)
 
 
