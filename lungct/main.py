@@ -88,17 +88,21 @@ def huge_pages_env(environ: dict[str, str], libc: tuple[str, str], thp_mode: str
   return {**environ, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES}
 
 
+def thp_mode() -> str:
+  """The kernel's transparent huge page mode line (e.g. "always [madvise] never"), "" where there is none."""
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return f.read()
+  except OSError:
+    return ""
+
+
 def exec_with_huge_pages() -> None:
   """Re-executes this command (`sys.orig_argv`) once with `huge_pages_env`, on Linux; before any import of
   JAX, so the only cost is a second interpreter start (~50 ms)."""
   if not sys.platform.startswith("linux") or not sys.executable:
     return
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      thp_mode = f.read()
-  except OSError:
-    return
-  env = huge_pages_env(dict(os.environ), platform.libc_ver(), thp_mode)
+  env = huge_pages_env(dict(os.environ), platform.libc_ver(), thp_mode())
   if env is not None:
     sys.stdout.flush()
     sys.stderr.flush()

@@ -47,15 +47,7 @@ print(os.environ.get("GLIBC_TUNABLES", ""), huge // 1024)
 """
 
 
-def _thp_mode() -> str:
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      return f.read()
-  except OSError:
-    return ""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or main.huge_pages_env({}, platform.libc_ver(), _thp_mode())
+@pytest.mark.skipif(not sys.platform.startswith("linux") or main.huge_pages_env({}, platform.libc_ver(), main.thp_mode())
                     is None, reason="needs Linux, glibc >= 2.35 and transparent huge pages in [madvise] mode")
 def test_exec_with_huge_pages_gives_mallocs_blocks_huge_pages():
   base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LUNGCT_HUGE_PAGES")}

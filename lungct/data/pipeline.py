@@ -134,8 +134,8 @@ def make_dataset(source: Sequence[Mapping[str, Any]], *, global_batch_size: int,
     cast: False keeps array keys as stored (image float16; see `collate`).
 
   Returns:
-    MapDataset: element i = dict of numpy arrays for global step i (image float32
-    (L, D, H, W, 1), label/grade int32 (L,), mask uint8, study_id/patient_id object),
+    MapDataset: element i = dict of numpy arrays for global step i (image float32, float16 as stored with
+    cast=False, (L, D, H, W, 1), label/grade int32 (L,), mask uint8, study_id/patient_id object),
     L = global_batch_size // process_count.
   """
   process_index = jax.process_index() if process_index is None else process_index
