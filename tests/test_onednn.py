@@ -207,7 +207,11 @@ def convs(fn, **kw):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), **kw).lower(xs, ws).compile()
 ref = jax.tree.leaves(convs(jax.lax.conv_general_dilated)(xs, ws))
 f = convs(onednn_conv.conv_general_dilated, in_shardings=([batch] * 3, [rep] * 3))
-assert f.as_text().count("lungct_onednn_conv_bwd_weights") >= 3
+# each weight gradient: oneDNN's call, or where oneDNN would use GEMM (below AVX-512) the swapped forward
+swapped = sum(onednn_conv.forward_for_weights(x.shape, w.shape, sh[2], onednn_conv._conv_geometry(
+    x.shape, w.shape[:3], sh[2], sh[3]), jnp.float32) for x, w, sh in zip(xs, ws, shapes))
+calls = lambda kind: f.as_text().count(f'custom_call_target="lungct_onednn_conv_{kind}"')
+assert (calls("bwd_weights"), calls("fwd")) == (3 - swapped, 3 + swapped), (calls("bwd_weights"), calls("fwd"))
 for a, b in zip(jax.tree.leaves(f(xs, ws)), ref):
   close(a, b, 1e-5)
 
@@ -282,25 +286,41 @@ WEIGHTS_BY_FORWARD = textwrap.dedent('''
 import jax, jax.numpy as jnp, numpy as np
 from lungct.ops import onednn_conv
 dn = ("NDHWC", "DHWIO", "NDHWC")
-x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 8, 9, 4))
-w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4, 6)) / 10
-pads = onednn_conv._conv_geometry(x.shape, (3, 3, 3), (1, 1, 1), "SAME")
-gemm = "gemm" in onednn_conv.impl_info("bwd_weights", x.shape, w.shape, (1, 1, 1), pads)
-chosen = onednn_conv.forward_for_weights(x.shape, w.shape, (1, 1, 1), pads, jnp.float32)
-grad = lambda fn: jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(fn(x, w, (1, 1, 1), "SAME", dimension_numbers=dn)))))
-hlo = grad(onednn_conv.conv_general_dilated).lower(w).as_text()
-a, b = grad(onednn_conv.conv_general_dilated)(w), grad(jax.lax.conv_general_dilated)(w)
-print("RESULT", onednn_conv.isa(), gemm, chosen, "lungct_onednn_conv_bwd_weights" in hlo,
-      float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))))
+CASES = [((2, 7, 8, 9, 4), (3, 3, 3, 4, 6), (1, 1, 1), "SAME"),
+         ((2, 7, 8, 9, 1), (3, 3, 3, 1, 8), (1, 1, 1), "SAME"),       # a 1-channel stem
+         ((2, 8, 9, 10, 4), (3, 3, 3, 4, 6), (2, 2, 2), "SAME"),      # a stride-2 block entry: taps 2 apart
+         ((2, 9, 8, 7, 3), (3, 3, 3, 3, 5), (2, 1, 3), ((1, 1), (0, 2), (1, 0))),
+         ((2, 8, 8, 8, 4), (1, 1, 1, 4, 6), (2, 2, 2), "SAME")]       # a downsample: high pad -1 (crops)
+for i, (xs, ws, strides, padding) in enumerate(CASES):
+  x = jax.random.normal(jax.random.PRNGKey(i), xs)
+  w = jax.random.normal(jax.random.PRNGKey(100 + i), ws) / 10
+  pads = onednn_conv._conv_geometry(xs, ws[:3], strides, padding)
+  gemm = "gemm" in onednn_conv.impl_info("bwd_weights", xs, ws, strides, pads)
+  chosen = onednn_conv.forward_for_weights(xs, ws, strides, pads, jnp.float32)
+  conv = lambda fn: lambda w: fn(x, w, strides, padding, dimension_numbers=dn)
+  grad = lambda fn: jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(conv(fn)(w)))))
+  hlo = grad(onednn_conv.conv_general_dilated).lower(w).as_text()
+  a, b = grad(onednn_conv.conv_general_dilated)(w), grad(jax.lax.conv_general_dilated)(w)
+  # the swapped forward itself, on every CPU (above AVX2 it is not chosen), against XLA's weight gradient
+  y, vjp = jax.vjp(conv(jax.lax.conv_general_dilated), w)
+  g = jax.random.normal(jax.random.PRNGKey(200 + i), y.shape)
+  direct = jax.jit(lambda x, g: onednn_conv._weights_by_forward("bwd_weights", x, g, ws, jnp.float32, strides,
+                                                                pads))(x, g)
+  ref = vjp(g)[0]
+  print("RESULT", onednn_conv.isa(), gemm, chosen, "lungct_onednn_conv_bwd_weights" in hlo,
+        float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))),
+        float(jnp.max(jnp.abs(direct - ref)) / jnp.max(jnp.abs(ref))))
 ''')
 
 
 @needs_ext
 @pytest.mark.parametrize("onednn_isa", [None, "AVX2"], ids=["native", "avx2"])
 def test_weight_gradient_by_the_swapped_forward_where_onednn_would_use_gemm(onednn_isa):
-  """Below AVX-512 oneDNN runs 3D weight gradients as im2col + GEMM; a stride-1 float32 one is then computed as
-  the forward convolution with batch and channels swapped (`onednn_conv._weights_by_forward`): no weight-gradient
-  call in the program, and XLA's gradient to float32 rounding. Where oneDNN has its own kernel, it is kept."""
+  """Below AVX-512 oneDNN runs 3D weight gradients as im2col + GEMM; a float32 one is then computed as the
+  forward convolution with batch and channels swapped, its kernel dilated by the stride - 1
+  (`onednn_conv._weights_by_forward`): no weight-gradient call in the program, and XLA's gradient to float32
+  rounding, for stride 1, stride 2, mixed strides with uneven pads and a cropping high pad. Where oneDNN has its
+  own kernel, it is kept; the swapped forward itself is checked against XLA on every CPU."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   env.pop("ONEDNN_MAX_CPU_ISA", None)
   if onednn_isa:
@@ -308,11 +328,13 @@ def test_weight_gradient_by_the_swapped_forward_where_onednn_would_use_gemm(oned
   out = subprocess.run([sys.executable, "-c", WEIGHTS_BY_FORWARD], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  isa, gemm, chosen, weights_call, err = out.stdout.split("RESULT")[-1].split()
-  assert chosen == gemm and weights_call == str(chosen == "False"), out.stdout
-  if onednn_isa == "AVX2":  # oneDNN 3.x has no AVX2 JIT kernel for 3D weight gradients (ONEDNN_VERBOSE: x64:gemm:jit)
-    assert isa.startswith("avx2") and chosen == "True", out.stdout
-  assert float(err) < 1e-5, err
+  rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT")]
+  assert len(rows) == 5, out.stdout
+  for case, (isa, gemm, chosen, weights_call, err, err_direct) in enumerate(rows):
+    assert chosen == gemm and weights_call == str(chosen == "False"), (case, out.stdout)
+    if onednn_isa == "AVX2" and case < 4:  # oneDNN 3.x has no AVX2 JIT kernel for these 3x3x3 weight gradients
+      assert isa.startswith("avx2") and chosen == "True", (case, out.stdout)
+    assert float(err) < 1e-5 and float(err_direct) < 1e-5, (case, out.stdout)
 
 
 @needs_ext

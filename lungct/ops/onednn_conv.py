@@ -132,8 +132,10 @@ def _conv_geometry(x_shape, kernel, strides, padding):
   return tuple(pads)
 
 
-def _out_shape(x_shape, w_shape, strides, pads):
-  return (x_shape[0], *[(x_shape[1 + i] + pads[i][0] + pads[i][1] - w_shape[i]) // strides[i] + 1
+def _out_shape(x_shape, w_shape, strides, pads, dilation=(0, 0, 0)):
+  """`dilation` in oneDNN's convention (0: none): a kernel of k taps spans (k - 1) * (d + 1) + 1 voxels."""
+  span = [(w_shape[i] - 1) * (dilation[i] + 1) + 1 for i in range(3)]
+  return (x_shape[0], *[(x_shape[1 + i] + pads[i][0] + pads[i][1] - span[i]) // strides[i] + 1
                         for i in range(3)], w_shape[4])
 
 
@@ -145,11 +147,11 @@ def _channels_last(dimension_numbers, lhs_shape, rhs_shape) -> bool:
 
 # ----------------------------------------------------------------------------- the custom calls
 
-def _ffi(kind, a, b, out_shape, out_dtype, strides, pads):
+def _ffi(kind, a, b, out_shape, out_dtype, strides, pads, dilation=(0, 0, 0)):
   return jax.ffi.ffi_call(_TARGETS[kind], jax.ShapeDtypeStruct(tuple(out_shape), out_dtype),
                           vmap_method="sequential")(
-      a, b, strides=np.asarray(strides, np.int64), pad_lo=np.asarray([p[0] for p in pads], np.int64),
-      pad_hi=np.asarray([p[1] for p in pads], np.int64))
+      a, b, strides=np.asarray(strides, np.int64), dilation=np.asarray(dilation, np.int64),
+      pad_lo=np.asarray([p[0] for p in pads], np.int64), pad_hi=np.asarray([p[1] for p in pads], np.int64))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -162,32 +164,35 @@ def _conv_fwd(x, w, strides, pads):
 
 
 def _weights_by_forward(kind, x, g, w_shape, out_dtype, strides, pads):
-  """A stride-1 weight gradient as oneDNN's forward convolution with batch and channels swapped (the signature
-  of `_ffi`, for `partition.call`): dw[z, y, x, c, o] = sum over b and the output positions of
-  x_padded[b, pos + (z, y, x), c] * g[b, pos, o], i.e. the padded input with its channels as the batch and its
-  batch as the channels, convolved (VALID) with g as a kernel whose input channels are the batch."""
-  del kind, strides
-  xs = jnp.pad(x, ((0, 0), *pads, (0, 0))).transpose(4, 1, 2, 3, 0)   # (C, D + pads, H + pads, W + pads, B)
+  """A weight gradient as oneDNN's forward convolution with batch and channels swapped (the signature of `_ffi`,
+  for `partition.call`): dw[z, y, x, c, o] = sum over b and the output positions p of
+  x_padded[b, s * p + (z, y, x), c] * g[b, p, o], i.e. the padded input with its channels as the batch and its
+  batch as the channels, convolved (VALID, stride 1) with g as a kernel whose input channels are the batch and
+  whose taps lie s (the stride) apart: a kernel dilated by s - 1. A trimmed negative high pad crops."""
+  del kind
+  xs = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)))
+  xs = xs.transpose(4, 1, 2, 3, 0)                                     # (C, D + pads, H + pads, W + pads, B)
   kernel = g.transpose(1, 2, 3, 0, 4)                                  # (I, J, K, B, O) as DHWIO
-  out = _ffi("fwd", xs, kernel, (x.shape[4], *w_shape[:3], w_shape[4]), out_dtype, (1, 1, 1), ((0, 0),) * 3)
+  out = _ffi("fwd", xs, kernel, (x.shape[4], *w_shape[:3], w_shape[4]), out_dtype, (1, 1, 1), ((0, 0),) * 3,
+             dilation=tuple(int(s) - 1 for s in strides))
   return out.transpose(1, 2, 3, 0, 4)                                  # (C, Z, Y, X, O) -> (Z, Y, X, C, O)
 
 
 @functools.lru_cache(maxsize=None)
 def forward_for_weights(x_shape, w_shape, strides, pads, dtype) -> bool:
-  """Whether `_conv_bwd` computes this convolution's weight gradient with `_weights_by_forward`: a float32,
-  stride-1 convolution whose weight gradient oneDNN would run as im2col + GEMM (its `gemm` implementation: below
-  AVX-512 it has no JIT kernel for 3D weight gradients), when it has a direct kernel for the swapped forward.
-  On AVX2 that took an 8-channel 3x3x3 layer's weight gradient at 32^3 (batch 16) from 96 to 45 ms
-  (benchmarks/README.md, round 8); on AVX-512 oneDNN's own kernel (11 ms) is kept."""
-  if jnp.dtype(dtype) != jnp.float32 or any(int(s) != 1 for s in strides):
+  """Whether `_conv_bwd` computes this convolution's weight gradient with `_weights_by_forward`: a float32
+  convolution whose weight gradient oneDNN would run as im2col + GEMM (its `gemm` implementation: below AVX-512
+  it has no JIT kernel for 3D weight gradients), when it has a direct kernel for the swapped forward (dilated
+  by the stride - 1). On AVX2 that took an 8-channel 3x3x3 layer's weight gradient at 32^3 (batch 16) from 96
+  to 45 ms (benchmarks/README.md, round 8); on AVX-512 oneDNN's own kernel (11 ms) is kept."""
+  if jnp.dtype(dtype) != jnp.float32:
     return False
   if "gemm" not in impl_info("bwd_weights", x_shape, w_shape, strides, pads):
     return False
   spatial = [n + lo + hi for n, (lo, hi) in zip(x_shape[1:4], pads)]
   out = _out_shape(x_shape, w_shape, strides, pads)
   fwd = impl_info("fwd", (x_shape[4], *spatial, x_shape[0]), (*out[1:4], x_shape[0], w_shape[4]), (1, 1, 1),
-                  ((0, 0),) * 3)
+                  ((0, 0),) * 3, dilation=tuple(int(s) - 1 for s in strides))
   return fwd not in ("error", "unavailable") and "gemm" not in fwd
 
 
@@ -236,16 +241,16 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
   return _conv(lhs.astype(dtype), rhs.astype(dtype), strides, pads)
 
 
-def impl_info(kind: str, x_shape, w_shape, strides, padding, dtype=jnp.float32) -> str:
-  """The oneDNN implementation chosen for one convolution, e.g. 'brg_conv_fwd:avx512_core (plain)'."""
+def impl_info(kind: str, x_shape, w_shape, strides, pads, dtype=jnp.float32, dilation=(0, 0, 0)) -> str:
+  """The oneDNN implementation chosen for one convolution, e.g. 'brg_conv_fwd:avx512_core (plain)': shapes in
+  JAX order, `pads` the trimmed explicit ones (`_conv_geometry`), `dilation` in oneDNN's convention (0: none)."""
   lib = load()
   if lib is None:
     return "unavailable"
-  pads = _conv_geometry(tuple(x_shape), tuple(w_shape[:3]), tuple(strides), padding)
-  out = _out_shape(x_shape, w_shape, strides, pads)
+  out = _out_shape(x_shape, w_shape, strides, pads, dilation)
   arr = _arr
   buf = ctypes.create_string_buffer(512)
-  n = lib.lungct_onednn_impl(_KIND_ID[kind], arr(x_shape), arr(w_shape), arr(out), arr(strides),
+  n = lib.lungct_onednn_impl(_KIND_ID[kind], arr(x_shape), arr(w_shape), arr(out), arr(strides), arr(dilation),
                              arr([p[0] for p in pads]), arr([p[1] for p in pads]),
                              int(jnp.dtype(dtype) == jnp.bfloat16), buf, 512)
   return buf.value.decode() if n >= 0 else "error"

@@ -2,7 +2,9 @@
 //
 // Layouts are JAX's channels-last ones: input/output (N, D, H, W, C) and kernel (KD, KH, KW, I, O).
 // Each handler takes the two operands of its convolution and writes the third; the attributes are the
-// spatial strides and the explicit low/high paddings (already trimmed so that the output size is exact).
+// spatial strides, the explicit low/high paddings (already trimmed so that the output size is exact) and the
+// kernel's dilation in oneDNN's convention (0 = none; lungct uses it only for weight gradients computed as a
+// forward convolution, onednn_conv._weights_by_forward).
 // Element types come from the buffers (f32, bf16 or f16), so the caller chooses e.g. f32 weight gradients
 // from bf16 activations. Primitives are created once per shape and cached (`Plan`).
 //
@@ -97,10 +99,10 @@ Scratch* g_scratch = new Scratch();
 
 std::string Key(int kind, const memory::dims& x, const memory::dims& w, const memory::dims& y,
                 memory::data_type tx, memory::data_type tw, memory::data_type ty,
-                const memory::dims& s, const memory::dims& pl, const memory::dims& pr) {
+                const memory::dims& s, const memory::dims& d, const memory::dims& pl, const memory::dims& pr) {
   std::ostringstream k;
   k << kind << ActivationPolicy() << '|' << int(tx) << ',' << int(tw) << ',' << int(ty) << '|';
-  for (const auto* v : {&x, &w, &y, &s, &pl, &pr}) {
+  for (const auto* v : {&x, &w, &y, &s, &d, &pl, &pr}) {
     for (auto d : *v) k << d << ',';
     k << '|';
   }
@@ -109,8 +111,8 @@ std::string Key(int kind, const memory::dims& x, const memory::dims& w, const me
 
 std::shared_ptr<Plan> MakePlan(int kind, const memory::dims& x, const memory::dims& w,
                                const memory::dims& y, memory::data_type tx, memory::data_type tw,
-                               memory::data_type ty, const memory::dims& s, const memory::dims& pl,
-                               const memory::dims& pr) {
+                               memory::data_type ty, const memory::dims& s, const memory::dims& d,
+                               const memory::dims& pl, const memory::dims& pr) {
   using tag = memory::format_tag;
   auto plan = std::make_shared<Plan>();
   plan->usrc = memory::desc(x, tx, tag::ndhwc);
@@ -131,20 +133,20 @@ std::shared_ptr<Plan> MakePlan(int kind, const memory::dims& x, const memory::di
   memory::desc fwei = (kind == kForward) ? wei : memory::desc(w, act, tag::any);
   memory::desc fdst = (kind == kForward) ? dst : memory::desc(y, act, any_act ? tag::any : tag::ndhwc);
   dnnl::convolution_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, alg, fsrc, fwei,
-                                                fdst, s, pl, pr, attr);
+                                                fdst, s, d, pl, pr, attr);
   if (kind == kForward) {
     plan->prim = dnnl::convolution_forward(fwd);
     plan->src = fwd.src_desc(); plan->wei = fwd.weights_desc(); plan->dst = fwd.dst_desc();
     plan->impl = fwd.impl_info_str();
     plan->scratch = fwd.scratchpad_desc();
   } else if (kind == kBackwardData) {
-    dnnl::convolution_backward_data::primitive_desc bwd(eng, alg, src, wei, dst, s, pl, pr, fwd, attr);
+    dnnl::convolution_backward_data::primitive_desc bwd(eng, alg, src, wei, dst, s, d, pl, pr, fwd, attr);
     plan->prim = dnnl::convolution_backward_data(bwd);
     plan->src = bwd.diff_src_desc(); plan->wei = bwd.weights_desc(); plan->dst = bwd.diff_dst_desc();
     plan->impl = bwd.impl_info_str();
     plan->scratch = bwd.scratchpad_desc();
   } else {
-    dnnl::convolution_backward_weights::primitive_desc bwd(eng, alg, src, wei, dst, s, pl, pr, fwd, attr);
+    dnnl::convolution_backward_weights::primitive_desc bwd(eng, alg, src, wei, dst, s, d, pl, pr, fwd, attr);
     plan->prim = dnnl::convolution_backward_weights(bwd);
     plan->src = bwd.src_desc(); plan->wei = bwd.diff_weights_desc(); plan->dst = bwd.diff_dst_desc();
     plan->impl = bwd.impl_info_str();
@@ -155,15 +157,15 @@ std::shared_ptr<Plan> MakePlan(int kind, const memory::dims& x, const memory::di
 
 std::shared_ptr<Plan> GetPlan(int kind, const memory::dims& x, const memory::dims& w,
                               const memory::dims& y, memory::data_type tx, memory::data_type tw,
-                              memory::data_type ty, const memory::dims& s, const memory::dims& pl,
-                              const memory::dims& pr) {
-  const std::string key = Key(kind, x, w, y, tx, tw, ty, s, pl, pr);
+                              memory::data_type ty, const memory::dims& s, const memory::dims& d,
+                              const memory::dims& pl, const memory::dims& pr) {
+  const std::string key = Key(kind, x, w, y, tx, tw, ty, s, d, pl, pr);
   {
     std::lock_guard<std::mutex> lock(g_mu);
     auto it = g_plans->find(key);
     if (it != g_plans->end()) return it->second;
   }
-  auto plan = MakePlan(kind, x, w, y, tx, tw, ty, s, pl, pr);
+  auto plan = MakePlan(kind, x, w, y, tx, tw, ty, s, d, pl, pr);
   std::lock_guard<std::mutex> lock(g_mu);
   return g_plans->emplace(key, plan).first->second;
 }
@@ -176,21 +178,21 @@ memory::dims WeiDims(ffi::AnyBuffer::Dimensions d) {  // (KD, KH, KW, I, O) -> (
 }
 
 ffi::Error Run(int kind, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y,
-               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
-               ffi::Span<const int64_t> pad_hi) {
+               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation,
+               ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
   if (x.dimensions().size() != 5 || w.dimensions().size() != 5 || y.dimensions().size() != 5 ||
-      strides.size() != 3 || pad_lo.size() != 3 || pad_hi.size() != 3) {
-    return ffi::Error::InvalidArgument("lungct onednn_conv: expects 5-D NDHWC/DHWIO buffers and 3 strides/pads");
+      strides.size() != 3 || dilation.size() != 3 || pad_lo.size() != 3 || pad_hi.size() != 3) {
+    return ffi::Error::InvalidArgument("lungct onednn_conv: expects 5-D NDHWC/DHWIO buffers and 3 strides/dilations/pads");
   }
   memory::data_type tx, tw, ty;
   if (!ToDnnl(x.element_type(), &tx) || !ToDnnl(w.element_type(), &tw) || !ToDnnl(y.element_type(), &ty)) {
     return ffi::Error::InvalidArgument("lungct onednn_conv: element types must be f32, bf16 or f16");
   }
-  const memory::dims s(strides.begin(), strides.end()), pl(pad_lo.begin(), pad_lo.end()),
-      pr(pad_hi.begin(), pad_hi.end());
+  const memory::dims s(strides.begin(), strides.end()), d(dilation.begin(), dilation.end()),
+      pl(pad_lo.begin(), pad_lo.end()), pr(pad_hi.begin(), pad_hi.end());
   try {
     auto plan = GetPlan(kind, ActDims(x.dimensions()), WeiDims(w.dimensions()), ActDims(y.dimensions()),
-                        tx, tw, ty, s, pl, pr);
+                        tx, tw, ty, s, d, pl, pr);
     auto& eng = Engine();
     std::lock_guard<std::mutex> exec_lock(g_exec_mu);
     dnnl::stream strm(eng);
@@ -232,16 +234,19 @@ ffi::Error Run(int kind, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y,
 }
 
 ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                   ffi::Span<const int64_t> s, ffi::Span<const int64_t> pl, ffi::Span<const int64_t> pr) {
-  return Run(kForward, x, w, *y, s, pl, pr);
+                   ffi::Span<const int64_t> s, ffi::Span<const int64_t> d, ffi::Span<const int64_t> pl,
+                   ffi::Span<const int64_t> pr) {
+  return Run(kForward, x, w, *y, s, d, pl, pr);
 }
 ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
-                        ffi::Span<const int64_t> s, ffi::Span<const int64_t> pl, ffi::Span<const int64_t> pr) {
-  return Run(kBackwardData, *dx, w, dy, s, pl, pr);
+                        ffi::Span<const int64_t> s, ffi::Span<const int64_t> d, ffi::Span<const int64_t> pl,
+                        ffi::Span<const int64_t> pr) {
+  return Run(kBackwardData, *dx, w, dy, s, d, pl, pr);
 }
 ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
-                           ffi::Span<const int64_t> s, ffi::Span<const int64_t> pl, ffi::Span<const int64_t> pr) {
-  return Run(kBackwardWeights, x, *dw, dy, s, pl, pr);
+                           ffi::Span<const int64_t> s, ffi::Span<const int64_t> d, ffi::Span<const int64_t> pl,
+                           ffi::Span<const int64_t> pr) {
+  return Run(kBackwardWeights, x, *dw, dy, s, d, pl, pr);
 }
 
 }  // namespace
@@ -252,6 +257,7 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
       .Arg<ffi::AnyBuffer>()                                                 \
       .Ret<ffi::AnyBuffer>()                                                 \
       .Attr<ffi::Span<const int64_t>>("strides")                             \
+      .Attr<ffi::Span<const int64_t>>("dilation")                            \
       .Attr<ffi::Span<const int64_t>>("pad_lo")                              \
       .Attr<ffi::Span<const int64_t>>("pad_hi")
 
@@ -260,14 +266,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LungctOnednnConvBwdData, BackwardData, LUNGCT_BIND
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LungctOnednnConvBwdWeights, BackwardWeights, LUNGCT_BIND);
 
 // The implementation oneDNN picked for a convolution (for benchmarks/diagnostics): kind 0/1/2, shapes in
-// JAX order, f32. Returns the length written (truncated to cap).
+// JAX order, f32, kernel dilation d (oneDNN's convention). Returns the length written (truncated to cap).
 extern "C" int lungct_onednn_impl(int kind, const int64_t* x, const int64_t* w, const int64_t* y,
-                                  const int64_t* s, const int64_t* pl, const int64_t* pr, int dtype,
-                                  char* buf, int cap) {
+                                  const int64_t* s, const int64_t* d, const int64_t* pl, const int64_t* pr,
+                                  int dtype, char* buf, int cap) {
   try {
     memory::data_type t = dtype == 1 ? memory::data_type::bf16 : memory::data_type::f32;
     auto plan = GetPlan(kind, {x[0], x[4], x[1], x[2], x[3]}, {w[4], w[3], w[0], w[1], w[2]},
-                        {y[0], y[4], y[1], y[2], y[3]}, t, t, t, {s[0], s[1], s[2]},
+                        {y[0], y[4], y[1], y[2], y[3]}, t, t, t, {s[0], s[1], s[2]}, {d[0], d[1], d[2]},
                         {pl[0], pl[1], pl[2]}, {pr[0], pr[1], pr[2]});
     std::string info = plan->impl + (plan->src == plan->usrc && plan->dst == plan->udst ? " (plain)" : " (reordered)");
     int n = static_cast<int>(info.size()) < cap - 1 ? static_cast<int>(info.size()) : cap - 1;
@@ -295,7 +301,7 @@ extern "C" int lungct_onednn_check(int kind, const int64_t* x, const int64_t* w,
   std::string msg;
   try {
     GetPlan(kind, {x[0], x[4], x[1], x[2], x[3]}, {w[4], w[3], w[0], w[1], w[2]}, {y[0], y[4], y[1], y[2], y[3]},
-            DtypeCode(tx), DtypeCode(tw), DtypeCode(ty), {s[0], s[1], s[2]}, {pl[0], pl[1], pl[2]},
+            DtypeCode(tx), DtypeCode(tw), DtypeCode(ty), {s[0], s[1], s[2]}, {0, 0, 0}, {pl[0], pl[1], pl[2]},
             {pr[0], pr[1], pr[2]});
     return 0;
   } catch (const std::exception& e) {
