@@ -163,6 +163,15 @@ def _conv_fwd(x, w, strides, pads):
   return _conv(x, w, strides, pads), (x, w)
 
 
+def _swapped_forward(x_shape, w_shape, strides, pads):
+  """The forward convolution `_weights_by_forward` runs for a weight gradient: its input, kernel and output
+  shapes (JAX order) and its dilation (oneDNN's convention)."""
+  spatial = [n + lo + hi for n, (lo, hi) in zip(x_shape[1:4], pads)]
+  out = _out_shape(x_shape, w_shape, strides, pads)
+  return ((x_shape[4], *spatial, x_shape[0]), (*out[1:4], x_shape[0], w_shape[4]),
+          (x_shape[4], *w_shape[:3], w_shape[4]), tuple(int(s) - 1 for s in strides))
+
+
 def _weights_by_forward(kind, x, g, w_shape, out_dtype, strides, pads):
   """A weight gradient as oneDNN's forward convolution with batch and channels swapped (the signature of `_ffi`,
   for `partition.call`): dw[z, y, x, c, o] = sum over b and the output positions p of
@@ -173,8 +182,8 @@ def _weights_by_forward(kind, x, g, w_shape, out_dtype, strides, pads):
   xs = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)))
   xs = xs.transpose(4, 1, 2, 3, 0)                                     # (C, D + pads, H + pads, W + pads, B)
   kernel = g.transpose(1, 2, 3, 0, 4)                                  # (I, J, K, B, O) as DHWIO
-  out = _ffi("fwd", xs, kernel, (x.shape[4], *w_shape[:3], w_shape[4]), out_dtype, (1, 1, 1), ((0, 0),) * 3,
-             dilation=tuple(int(s) - 1 for s in strides))
+  *_, out_shape, dilation = _swapped_forward(x.shape, w_shape, strides, pads)
+  out = _ffi("fwd", xs, kernel, out_shape, out_dtype, (1, 1, 1), ((0, 0),) * 3, dilation=dilation)
   return out.transpose(1, 2, 3, 0, 4)                                  # (C, Z, Y, X, O) -> (Z, Y, X, C, O)
 
 
@@ -189,10 +198,8 @@ def forward_for_weights(x_shape, w_shape, strides, pads, dtype) -> bool:
     return False
   if "gemm" not in impl_info("bwd_weights", x_shape, w_shape, strides, pads):
     return False
-  spatial = [n + lo + hi for n, (lo, hi) in zip(x_shape[1:4], pads)]
-  out = _out_shape(x_shape, w_shape, strides, pads)
-  fwd = impl_info("fwd", (x_shape[4], *spatial, x_shape[0]), (*out[1:4], x_shape[0], w_shape[4]), (1, 1, 1),
-                  ((0, 0),) * 3, dilation=tuple(int(s) - 1 for s in strides))
+  xs, kernel, _, dilation = _swapped_forward(x_shape, w_shape, strides, pads)
+  fwd = impl_info("fwd", xs, kernel, (1, 1, 1), ((0, 0),) * 3, dilation=dilation)
   return fwd not in ("error", "unavailable") and "gemm" not in fwd
 
 
